@@ -30,6 +30,8 @@ def init(device_type: str) -> DistInfo:
     if world_size == 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    if dist.is_initialized():
+        return info
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", info.local_rank))

@@ -58,9 +58,8 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise CapfastError(f"the training split has fewer than data.batch_size × optim.grad_accum = "
                                f"{cfg.data.batch_size * cfg.optim.grad_accum} images")
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.total_steps = self.steps_per_epoch * cfg.epochs  # the schedule's length, whatever max_steps says
+        self.stop_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
 
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed(cfg.seed + self.dist.rank)
@@ -102,7 +101,7 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------
 
     def train(self) -> dict:
-        monitor = Monitor(self.out_dir / "tb", self.dist.is_main, self.total_steps, self.step)
+        monitor = Monitor(self.out_dir / "tb", self.dist.is_main, self.stop_step, self.step)
         try:
             while self.epoch < self.cfg.epochs and not self._done():
                 self._set_encoder_trainable(self.epoch)
@@ -117,7 +116,7 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "best_cider": self.best_cider}
 
     def _done(self) -> bool:
-        return self.step >= self.total_steps
+        return self.step >= self.stop_step
 
     def _train_epoch(self, monitor: Monitor) -> None:
         accum = self.cfg.optim.grad_accum

@@ -1,0 +1,48 @@
+"""Which records each rank reads in which order, as pure functions of (seed, epoch, rank, world size).
+
+Recomputing the order instead of keeping loader state is what makes resuming mid-epoch exact: a resumed run
+plans the same epoch and drops the batches it already trained on.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ORDERS = ("random", "quasi_random", "sequential")
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world_size: int = 1
+
+
+def train_batches_per_rank(num_records: int, batch_size: int, shard: Shard) -> int:
+    """Every rank gets the same number of full batches; the remainder of the epoch's order is dropped."""
+    return num_records // shard.world_size // batch_size
+
+
+def train_order(epoch_order: np.ndarray, batch_size: int, shard: Shard) -> np.ndarray:
+    """This rank's contiguous piece of the epoch order (contiguous keeps quasi-random page locality per rank)."""
+    per_rank = train_batches_per_rank(len(epoch_order), batch_size, shard) * batch_size
+    start = shard.rank * per_rank
+    return epoch_order[start:start + per_rank]
+
+
+def eval_indices(num_records: int, shard: Shard) -> np.ndarray:
+    """Every record exactly once over all ranks, in file order; shard sizes differ by at most one."""
+    return np.array_split(np.arange(num_records, dtype=np.int64), shard.world_size)[shard.rank]
+
+
+def random_epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_records).astype(np.int64)
+
+
+def sequential_epoch_order(num_records: int) -> np.ndarray:
+    return np.arange(num_records, dtype=np.int64)
+
+
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """Seed of one batch's augmentation: independent of what ran before, so a resumed epoch crops the same."""
+    state = np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1, np.uint64)[0]
+    return int(state) & (2**63 - 1)

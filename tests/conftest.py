@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny synthetic COCO dataset and its converted betons, plus the `gpu` marker's skip hook.
+
+Both datasets are session-scoped and must be treated as read-only; copy them (shutil.copytree) before changing.
+"""
+
+import pytest
+
+SYNTH_TRAIN, SYNTH_VAL = 32, 12
+CONVERTED_IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def synth_coco(tmp_path_factory):
+    """Root of a synthetic COCO captions dataset (capfast.synth layout):
+    images/{train,val}/*.jpg, annotations/captions_{train,val}.json and dataset_coco.json (Karpathy)."""
+    from capfast.synth import make_synthetic_coco
+
+    root = tmp_path_factory.mktemp("synth_coco")
+    make_synthetic_coco(root, n_train=SYNTH_TRAIN, n_val=SYNTH_VAL, seed=0, karpathy=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def converted(synth_coco, tmp_path_factory):
+    """A data dir holding train.beton, val.beton, refs_{train,val}.json, vocab.json and meta.json,
+    converted at 64x64 with min_count=1 and 2 workers (5 captions per image, max_len 16)."""
+    from capfast.convert import convert
+
+    out = tmp_path_factory.mktemp("converted")
+    for split in ("train", "val"):
+        convert(out, split, annotations=synth_coco / "annotations" / f"captions_{split}.json",
+                images=synth_coco / "images" / split, image_size=CONVERTED_IMAGE_SIZE, min_count=1,
+                workers=2, progress=False)
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture
+def capfast_cli(capsys):
+    """Runs the real `capfast` CLI entry point in-process: capfast_cli("convert", "--out", d, ...) ->
+    CliResult(code, stdout, stderr). In-process keeps ffcv's 5 s import to once per test session."""
+    from dataclasses import dataclass
+
+    from capfast.cli import main
+
+    @dataclass
+    class CliResult:
+        code: int
+        stdout: str
+        stderr: str
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

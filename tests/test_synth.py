@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+from PIL import Image
+
+from capfast.synth import ANCHORS, COLORS, SHAPES, make_synthetic_coco
+from capfast.text import tokenize
+
+
+def all_files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = make_synthetic_coco(tmp_path / "a", n_train=6, n_val=3, seed=7, karpathy=True)
+    b = make_synthetic_coco(tmp_path / "b", n_train=6, n_val=3, seed=7, karpathy=True)
+    c = make_synthetic_coco(tmp_path / "c", n_train=6, n_val=3, seed=8, karpathy=True)
+    assert all_files(a) == all_files(b)
+    assert all_files(a) != all_files(c)
+
+
+def test_coco_captions_schema(synth_coco):
+    ids = {}
+    for split, count in (("train", 32), ("val", 12)):
+        data = json.loads((synth_coco / "annotations" / f"captions_{split}.json").read_text())
+        assert {"info", "licenses", "images", "annotations"} <= set(data)
+        assert len(data["images"]) == count
+        for image in data["images"]:
+            path = synth_coco / "images" / split / image["file_name"]
+            with Image.open(path) as img:
+                assert img.format == "JPEG" and img.mode == "RGB"
+                assert img.size == (image["width"], image["height"])
+                assert 64 <= min(img.size) <= max(img.size) <= 160
+            ids[image["id"]] = split
+        per_image = {}
+        for annotation in data["annotations"]:
+            assert {"id", "image_id", "caption"} <= set(annotation)
+            per_image.setdefault(annotation["image_id"], []).append(annotation["caption"])
+        assert set(per_image) == {image["id"] for image in data["images"]}
+        assert all(len(captions) == 5 and len(set(captions)) == 5 for captions in per_image.values())
+    assert len(ids) == 44  # image ids are unique across splits
+
+
+def test_landscape_and_portrait_images(synth_coco):
+    data = json.loads((synth_coco / "annotations" / "captions_train.json").read_text())
+    shapes = {(image["width"] > image["height"], image["width"] < image["height"]) for image in data["images"]}
+    assert (True, False) in shapes and (False, True) in shapes
+
+
+def test_captions_name_what_is_drawn(synth_coco):
+    """Every caption names a shape and a color; the first-named color is drawn at the named position."""
+    data = json.loads((synth_coco / "annotations" / "captions_train.json").read_text())
+    files = {image["id"]: image["file_name"] for image in data["images"]}
+    checked = 0
+    for annotation in data["annotations"]:
+        tokens = tokenize(annotation["caption"])
+        assert set(tokens) & set(SHAPES) and set(tokens) & set(COLORS)
+        positions = [t for t in tokens if t in ANCHORS or t == "middle"]
+        if "two" in tokens or len(positions) != 1 or "and" in tokens:
+            continue  # only single-shape captions have one unambiguous position
+        color = next(t for t in tokens if t in COLORS)
+        position = "center" if positions[0] == "middle" else positions[0]
+        with Image.open(synth_coco / "images" / "train" / files[annotation["image_id"]]) as img:
+            pixels = np.asarray(img.convert("RGB"), dtype=np.int32)
+        x, y = ANCHORS[position]
+        center = pixels[int(y * (pixels.shape[0] - 1)), int(x * (pixels.shape[1] - 1))]
+        assert np.abs(center - np.array(COLORS[color])).max() < 60, annotation["caption"]
+        checked += 1
+    assert checked >= 20
+
+
+def test_karpathy_file(synth_coco):
+    data = json.loads((synth_coco / "dataset_coco.json").read_text())
+    assert len(data["images"]) == 44
+    assert {image["split"] for image in data["images"]} == {"train", "restval", "val", "test"}
+    for image in data["images"]:
+        assert (synth_coco / "images" / image["filepath"] / image["filename"]).is_file()
+        assert image["filepath"] in ("train", "val") and isinstance(image["cocoid"], int)
+        assert len(image["sentences"]) == 5
+        assert all(s["tokens"] == tokenize(s["raw"]) for s in image["sentences"])
+    assert len({image["imgid"] for image in data["images"]}) == 44
+
+
+def test_cli(tmp_path, capfast_cli):
+    result = capfast_cli("synth", tmp_path / "s", "--train", 3, "--val", 2, "--seed", 1)
+    assert result.code == 0, result.stderr
+    assert len(list((tmp_path / "s" / "images" / "train").glob("*.jpg"))) == 3
+    assert not (tmp_path / "s" / "dataset_coco.json").exists()

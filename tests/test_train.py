@@ -1,0 +1,180 @@
+"""Trainer on CPU with a tiny model: learning, bf16, resume equivalence, TensorBoard scalars, DDP parity."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from capfast.train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.encoder=\"resnet18\"", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.dropout=0.0",
+    "data.image_size=32", "data.batch_size=8", "data.workers=1", "eval.every_epochs=0", "precision=\"fp32\"",
+    "encoder_trainable_from_epoch=0", "optim.warmup_steps=2", "optim.lr=3e-3", "optim.encoder_lr=3e-3",
+    "checkpoint_every=0", "optim.label_smoothing=0.0",
+]
+
+
+def run_capfast(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "capfast", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def train(data, out, *overrides, resume=False):
+    from capfast.train.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*TINY, *overrides])
+    return Trainer(cfg, data, out, resume=resume).train()
+
+
+def tb_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for events in sorted((run_dir / "tb").glob("events.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return scalars
+
+
+def test_tiny_model_learns_and_logs_every_step(converted, tmp_path):
+    summary = train(converted, tmp_path / "run", "epochs=12")
+    steps = summary["step"]
+    assert steps == 12 * (32 // 8)
+    scalars = tb_scalars(tmp_path / "run")
+    for tag in ("train/loss", "train/lr", "perf/images_per_sec", "perf/step_time_ms", "perf/data_wait_ms"):
+        assert sorted(scalars[tag]) == list(range(1, steps + 1)), tag
+    losses = scalars["train/loss"]
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (steps - 2, steps - 1, steps)) / 3
+    assert last < 0.6 * first, (first, last)
+    assert all(v > 0 for v in scalars["perf/images_per_sec"].values())
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_bf16_autocast_on_cpu(converted, tmp_path):
+    train(converted, tmp_path / "run", "epochs=1", "precision=\"bf16\"")
+    losses = tb_scalars(tmp_path / "run")["train/loss"]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_resume_follows_the_uninterrupted_run(converted, tmp_path):
+    train(converted, tmp_path / "full", "epochs=3")
+    train(converted, tmp_path / "cut", "epochs=3", "max_steps=6")   # stops mid-epoch 1 (4 steps per epoch)
+    train(converted, tmp_path / "cut", "epochs=3", resume=True)
+    full = tb_scalars(tmp_path / "full")["train/loss"]
+    cut = tb_scalars(tmp_path / "cut")["train/loss"]
+    assert sorted(cut) == sorted(full) == list(range(1, 13))
+    for step in full:
+        assert cut[step] == pytest.approx(full[step], rel=1e-4, abs=1e-5), step
+
+
+DDP_SCRIPT = r"""
+import os, sys, torch
+from pathlib import Path
+from capfast.train.config import load_config
+from capfast.train.trainer import Trainer
+cfg = load_config(Path(sys.argv[1]), sys.argv[4:])
+trainer = Trainer(cfg, Path(sys.argv[2]), Path(sys.argv[3]))
+trainer._set_encoder_trainable(0)
+batch = next(iter(trainer.train_loader.epoch(0)))
+_, loss = trainer._forward_backward(batch, 1)
+if trainer.dist.is_main:
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    torch.save({"loss": loss.item(), "grads": grads, "ids": batch.image_ids}, Path(sys.argv[3]) / "step1.pt")
+from capfast.train import distributed; distributed.shutdown()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_step(converted, out: Path, nproc: int) -> dict:
+    out.mkdir()
+    script = out / "step.py"
+    script.write_text(DDP_SCRIPT)
+    # A frozen encoder keeps BatchNorm in eval mode: batch statistics would otherwise differ per shard.
+    args = [ROOT / "configs" / "cpu_smoke.toml", converted, out, *TINY, "encoder_trainable_from_epoch=-1"]
+    if nproc == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", script, *args]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out / "step1.pt")
+
+
+def test_two_gloo_processes_match_one_process(converted, tmp_path):
+    one = _first_step(converted, tmp_path / "one", 1)
+    two = _first_step(converted, tmp_path / "two", 2)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert one["grads"].keys() == two["grads"].keys() and one["grads"]
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- bad input: one line, no traceback, non-zero exit ---------------------------------------------------
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "error" in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_missing_data_dir(tmp_path):
+    proc = run_capfast("train", "--config", "configs/cpu_smoke.toml", "--data", tmp_path / "nope", "--out", tmp_path / "r")
+    assert_clean_error(proc, "data directory not found")
+
+
+def test_missing_config(converted, tmp_path):
+    proc = run_capfast("train", "--config", tmp_path / "none.toml", "--data", converted, "--out", tmp_path / "r")
+    assert_clean_error(proc, "config file not found")
+
+
+def test_unknown_key_suggests_the_closest(converted, tmp_path):
+    proc = run_capfast("train", "--config", "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "r",
+                       "optim.lr_warmup=3")
+    assert_clean_error(proc, "unknown config key 'optim.lr_warmup'", "did you mean")
+
+
+def test_fp16_on_cpu_is_refused(converted, tmp_path):
+    proc = run_capfast("train", "--config", "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "r",
+                       "precision=fp16", "device=cpu")
+    assert_clean_error(proc, "fp16")
+
+
+def test_vocab_not_matching_the_beton(converted, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(converted, data)
+    vocab = json.loads((data / "vocab.json").read_text())
+    vocab["words"] = vocab["words"][:4] + list(reversed(vocab["words"][4:]))
+    (data / "vocab.json").write_text(json.dumps(vocab))
+    proc = run_capfast("train", "--config", "configs/cpu_smoke.toml", "--data", data, "--out", tmp_path / "r")
+    assert_clean_error(proc, "different vocabulary")
+
+
+def test_resume_refuses_an_incompatible_checkpoint(converted, tmp_path):
+    train(converted, tmp_path / "run", "epochs=1")
+    proc = run_capfast("train", "--config", "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "run",
+                       "--resume", *TINY, "model.d_model=64")
+    assert_clean_error(proc, "model config differs")
+
+
+def test_existing_run_needs_resume(converted, tmp_path):
+    train(converted, tmp_path / "run", "epochs=1")
+    proc = run_capfast("train", "--config", "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "run")
+    assert_clean_error(proc, "--resume")

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# `make demo`: the whole product on an embedded default, end to end, on whatever this machine has.
+# synthetic COCO -> convert to betons -> inspect -> train a small captioner -> eval -> caption a few images.
+set -euo pipefail
+PY=${1:-.venv/bin/python}
+OUT=${DEMO_OUT:-demo_out}
+TRAIN_IMAGES=${DEMO_TRAIN_IMAGES:-1200}
+capfast() { "$PY" -m capfast "$@"; }
+
+rm -rf "$OUT"
+echo "== 1/5 synthetic COCO ($TRAIN_IMAGES train images) =="
+capfast synth "$OUT/coco" --train "$TRAIN_IMAGES" --val 100 --seed 0
+
+echo "== 2/5 convert to FFCV betons =="
+capfast convert --annotations "$OUT/coco/annotations/captions_train.json" --images "$OUT/coco/images/train" \
+  --split train --out "$OUT/data" --image-size 64 --min-count 2
+capfast convert --annotations "$OUT/coco/annotations/captions_val.json" --images "$OUT/coco/images/val" \
+  --split val --out "$OUT/data" --image-size 64
+capfast inspect "$OUT/data/train.beton"
+
+echo "== 3/5 train (configs/cpu_smoke.toml; on a GPU the same recipe runs there) =="
+capfast train --config configs/cpu_smoke.toml --data "$OUT/data" --out "$OUT/run" ${DEMO_TRAIN_ARGS:-}
+
+echo "== 4/5 evaluate on the validation split =="
+capfast eval --checkpoint "$OUT/run/best.pt" --data "$OUT/data/val.beton" --beam 3 \
+  --json "$OUT/metrics.json" --results "$OUT/results.json"
+
+echo "== 5/5 caption a few images =="
+capfast caption --checkpoint "$OUT/run/best.pt" $(ls "$OUT"/coco/images/val/*.jpg | head -4)
+echo "demo done: metrics in $OUT/metrics.json, TensorBoard: tensorboard --logdir $OUT/run/tb"
