@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import psutil  # installed with ffcv
 from tqdm import tqdm
@@ -51,6 +52,11 @@ class Normalized:
 # ---- pass 1: validate + normalize in a pool --------------------------------------------------------------
 
 _worker_state = {}
+
+
+def _init_pool_worker(*args):
+    cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would oversubscribe the cores
+    _init_worker(*args)
 
 
 def _init_worker(cache: Path | None, count: int, settings: ImageSettings):
@@ -103,7 +109,7 @@ def run_jobs(jobs, cache, settings: ImageSettings, workers: int):
             _worker_state.clear()
         return
     chunksize = max(1, min(32, len(jobs) // (workers * 8)))
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=init_args) as pool:
         yield from pool.imap_unordered(_normalize_one, jobs, chunksize=chunksize)
 
 

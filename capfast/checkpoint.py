@@ -44,6 +44,7 @@ def load_model(path: Path, device="cpu"):
 
     state = load(path)
     vocab = Vocab(tuple(state["vocab"]))
-    model = build_captioner(ModelConfig(**state["model_config"]), vocab_size=len(vocab))
+    model = build_captioner(ModelConfig.from_dict(state["model_config"]), vocab_size=len(vocab),
+                            load_encoder_weights=False)  # the checkpoint holds the trained weights
     model.load_state_dict(state["model"])
     return model.to(device).eval(), vocab, state

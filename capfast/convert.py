@@ -58,16 +58,20 @@ def convert(out, split: str | None = None, *, annotations=None, images=None, kar
     settings.check()
     workers = workers or default_workers()
     source = read_source(split, annotations, images, karpathy, folder, captions)
-    out = prepare_out_dir(Path(out))
+    out = Path(out)
     for name in source.items:
         if schema.beton_path(out, name).exists() and not overwrite:
             raise CapfastError(f"{schema.beton_path(out, name)} already exists (pass --overwrite to replace it)")
-    words = resolve_vocab(out, source, vocab, settings, karpathy is not None)
+    words, vocab_is_new = resolve_vocab(out, source, vocab, settings.min_count, karpathy is not None)
+    prepare_out_dir(out)
     import ffcv.writer  # noqa: F401  (~5 s of numba compilation; paid before the per-split timing starts)
 
     results = {}
     for name, items in source.items.items():
         results[name] = convert_split(out, name, items, source, words, settings, workers, progress)
+        if vocab_is_new:  # saved only once a split that uses it exists
+            words.save(out / schema.VOCAB_FILE)
+            vocab_is_new = False
         update_meta(out, name, results[name])
     return results
 
@@ -110,38 +114,35 @@ def check_split_name(name: str) -> str:
     return name
 
 
-def prepare_out_dir(out: Path) -> Path:
+def prepare_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CapfastError(f"cannot create output directory {out}: {e.strerror or e}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise CapfastError(f"output directory is not writable: {out}")
-    return out
 
 
 # ---- vocabulary -------------------------------------------------------------------------------------------
 
-def resolve_vocab(out: Path, source: Source, vocab_file, settings: Settings, karpathy_mode: bool) -> Vocab:
-    """--vocab FILE; else OUT/vocab.json for non-train splits; else build from the train split and save it."""
+def resolve_vocab(out: Path, source: Source, vocab_file, min_count: int, karpathy_mode: bool) -> tuple[Vocab, bool]:
+    """(vocabulary, whether OUT/vocab.json must be written): --vocab FILE; else OUT/vocab.json for non-train
+    splits; else built from the train split's tokenized captions."""
     saved = out / schema.VOCAB_FILE
     if vocab_file is not None:
         vocab = Vocab.load(vocab_file)
         if saved.exists() and Vocab.load(saved).fingerprint() != vocab.fingerprint():
             raise CapfastError(f"{saved} differs from --vocab {vocab_file}; use a fresh --out or the same vocabulary")
-        if not saved.exists():
-            vocab.save(saved)
-        return vocab
+        return vocab, not saved.exists()
     if TRAIN not in source.items and saved.exists():
-        return Vocab.load(saved)
+        return Vocab.load(saved), False
     if TRAIN not in source.items and not karpathy_mode:
         raise CapfastError(f"no vocabulary for split(s) {', '.join(source.items)}: "
                            "convert the train split first or pass --vocab")
-    train_items = source.items.get(TRAIN) or train_items_for_vocab(source)
-    vocab = Vocab.build((tokenize(c) for item in train_items for c in item.captions), settings.min_count)
-    warn_if_vocab_changes(out, vocab)
-    vocab.save(saved)
-    return vocab
+    train_items = source.items[TRAIN] if TRAIN in source.items else train_items_for_vocab(source)
+    vocab = Vocab.build((tokenize(c) for item in train_items for c in item.captions), min_count)
+    warn_if_vocab_changes(out, vocab, set(source.items))
+    return vocab, True
 
 
 def train_items_for_vocab(source: Source) -> list[Item]:
@@ -152,10 +153,10 @@ def train_items_for_vocab(source: Source) -> list[Item]:
     return train.items[TRAIN]
 
 
-def warn_if_vocab_changes(out: Path, vocab: Vocab) -> None:
+def warn_if_vocab_changes(out: Path, vocab: Vocab, converting: set[str]) -> None:
     for name, entry in read_meta(out).get("splits", {}).items():
         old = entry.get("settings", {}).get("vocab_fingerprint")
-        if old and old != vocab.fingerprint() and name != TRAIN:
+        if old and old != vocab.fingerprint() and name not in converting:
             click.echo(f"capfast: warning: split '{name}' was converted with another vocabulary; convert it again",
                        err=True)
 

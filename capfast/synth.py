@@ -5,6 +5,7 @@ Each image shows one or two shapes (circle/square/triangle; a few colors; small 
 them. Output is deterministic for a given seed (byte-identical JPEGs and JSON).
 """
 
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -139,8 +140,6 @@ def captions(scene: Scene, rng: random.Random) -> list[str]:
 
 
 def jpeg_bytes(img: Image.Image) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=92)
     return buffer.getvalue()

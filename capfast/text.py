@@ -11,12 +11,12 @@ official numbers without Java:
 whole list, where Java's lookahead crosses into the next line ("the letter B." before "The ...", "No." before
 "5 ...") and the last caption meets end-of-file.
 
-Speed: plain ASCII words (most of COCO) skip the lexer; other whitespace-separated chunks are lexed once and
-cached. Lines where a token or a rule's lookahead can span a space ("1 1/2", "<a b>", "A. The") are lexed whole.
+Speed: plain ASCII words (most of COCO) skip the lexer; other space-separated chunks are lexed once and cached;
+lines where a token or a lookahead can span a space ("1 1/2", "<a b>", "A. The") are lexed whole.
 
-Deliberate differences from the Java pipeline: carriage returns and other line separators become spaces
-(pycocoevalcap's file would break the line there and misalign every later caption), and letters/digits follow
-this Python's Unicode tables rather than Java 7's.
+Known differences: line separators inside a caption become spaces (pycocoevalcap would break the line there and
+misalign every later caption); letters/digits follow Python's Unicode tables, not Java 7's; Java's choice of
+final sigma when lowercasing Greek capitals is approximated.
 """
 
 import functools
@@ -32,11 +32,17 @@ _NON_BMP = re.compile("[^\u0000-\uffff]")
 _SPACE_CLASS = "[ \t\u00a0\u2000-\u200a\u3000]"
 _CHUNK = re.compile("[^ \t]+")  # URL and e-mail tokens may contain the other spaces (U+00A0, U+3000...)
 _PLAIN_WORDS = re.compile(r"[ \t]*(?:[A-Za-z]+(?:[ \t]+|$))*")
+_BRACKETS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-"}
+_LATEX_QUOTES = str.maketrans({char: quote for chars, quote in [
+    ("\u0091\u2018\u201b\u2039", "`"), ("\u0092\u2019\u203a", "'"), ("\u0093\u201c\u00ab", "``"),
+    ("\u0094\u201d\u00bb", "''")] for char in chars})
+_FRACTIONS = str.maketrans({"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"})
 _ASSIMILATIONS = frozenset(["cannot", "gonna", "gotta", "lemme", "gimme", "wanna"])
 # Rules whose match or lookahead can cross a space: SGML, PHONE/FRAC, spaced ellipsis, "A." + capital, "No. 5".
 _CROSSES_SPACE = re.compile(r"<|\d[ \u00a0]\d|\)[ \u00a0]\d|\." + _SPACE_CLASS + r"+(?:[A-Z<.\d]|(?i:ltd|lim))")
-# Next lines that reveal whether a line's last chunk depends on them (acronym before "The", "No." before a digit).
-_NEXT_LINE_PROBES = ("\nThe x\n", "\n1\n")
+# Next lines that reveal whether a line's last chunk depends on them: an acronym before "The" or a tag, "No."
+# before a digit.
+_NEXT_LINE_PROBES = ("\nThe x\n", "\n<b>\n", "\n1\n")
 
 
 def tokenize(caption: str) -> list[str]:
@@ -102,8 +108,8 @@ def _lex_chunk(chunk: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1 << 12)
 def _next_line_matters(last_chunk: str) -> bool:
-    alone = _lex(last_chunk + " ")
-    return any(_lex(last_chunk + probe, 0, len(last_chunk)) != alone for probe in _NEXT_LINE_PROBES)
+    alone = _lex_chunk(last_chunk)
+    return any(_finish(_lex(last_chunk + probe, 0, len(last_chunk))) != alone for probe in _NEXT_LINE_PROBES)
 
 
 def _finish(raw_tokens) -> tuple[str, ...]:
@@ -194,22 +200,12 @@ def _latex_quotes(probably_left):
 
     def convert(tok):
         tok = re.sub("&apos;|'", single, tok)  # case-sensitive in Java, unlike the lexer's match
-        tok = re.sub('"|&quot;', double, tok)
-        tok = re.sub("[\u0091\u2018\u201b\u2039]", "`", tok)
-        tok = re.sub("[\u0092\u2019\u203a]", "'", tok)
-        tok = re.sub("[\u0093\u201c\u00ab]", "``", tok)
-        return re.sub("[\u0094\u201d\u00bb]", "''", tok)
+        return re.sub('"|&quot;', double, tok).translate(_LATEX_QUOTES)
     return _emit(convert)
 
 
 def _ptb_parens(tok):
     return tok.replace("(", "-LRB-").replace(")", "-RRB-")
-
-
-def _fractions(tok):
-    for char, text in zip("\u00bc\u00bd\u00be\u2153\u2154", ["1/4", "1/2", "3/4", "1/3", "2/3"]):
-        tok = tok.replace(char, text)
-    return tok
 
 
 def _currency(tok):
@@ -294,9 +290,10 @@ def _rules() -> list:
                      r"Ed\.D|Ph\.D|Blvd|Rd|Esq|etc|al|seq|Bldg")
                + r"|(?i:pp?t)[ye](?i:s)?)\.")
     # acro first: Python takes the first alternative that fits, JFlex the longest ("a.k.a.b." is one acronym)
-    abbrev4 = (f"(?:{acro}|" + _ci("Mr|Mrs|Ms|[M]iss|Drs?|Profs?|Sens?|Reps?|Attys?|Lt|Col|Gen|Messrs|Govs?|Adm|Rev|Maj|Sgt|Cpl|"
-                   "Pvt|Capt|Ste?|Ave|Pres|Lieut|Hon|Brig|Co?mdr|Pfc|Spc|Supts?|Det|Mt|Ft|Adj|Adv|Asst|Assoc|Ens|"
-                   r"Insp|Mlle|Mme|Msgr|Sfc|vs|Alex|Wm|Jos|Cie|a\.k\.a|cf|TREAS|Ph|Invt|Elec|Natl|Dept")
+    abbrev4 = (f"(?:{acro}|"
+               + _ci("Mr|Mrs|Ms|[M]iss|Drs?|Profs?|Sens?|Reps?|Attys?|Lt|Col|Gen|Messrs|Govs?|Adm|Rev|Maj|Sgt|Cpl|"
+                     "Pvt|Capt|Ste?|Ave|Pres|Lieut|Hon|Brig|Co?mdr|Pfc|Spc|Supts?|Det|Mt|Ft|Adj|Adv|Asst|Assoc|Ens|"
+                     r"Insp|Mlle|Mme|Msgr|Sfc|vs|Alex|Wm|Jos|Cie|a\.k\.a|cf|TREAS|Ph|Invt|Elec|Natl|Dept")
                + r"|(?i:m)[ft](?i:g))")
     phone = (r"(?:\([0-9]{2,3}\)[ \u00a0]?|(?:\+\+?)?(?:[0-9]{2,4}[\- \u00a0])?[0-9]{2,4}[\- \u00a0])"
              r"[0-9]{3,4}[\- \u00a0]?[0-9]{3,5}")
@@ -321,10 +318,8 @@ def _rules() -> list:
 
     table = [
         (r"(?i:c)\+\+|(?i:[cf])#", _keep),
-        (r"(?i:cannot)", _pushback(3)),
-        (r"(?i:'twas)", _pushback(3)),
-        (r"(?i:'tis)", _pushback(2)),
-        (r"(?i:gonna|gotta|lemme|gimme|wanna)", _pushback(2)),
+        (r"(?i:cannot|'twas)", _pushback(3)),  # (two rules in JFlex, merged here as they never both match)
+        (r"(?i:'tis|gonna|gotta|lemme|gimme|wanna)", _pushback(2)),
         (sgml, _emit(_nbsp)),
         ("(?i:&(?:md|mdash|ndash);)|[\u0096\u0097\u2013\u2014\u2015]", _emit(lambda tok: "--")),
         (r"(?i:&amp;)", _emit(_amp)),
@@ -348,7 +343,7 @@ def _rules() -> list:
         (r"[\-+]?(?:\d*(?:[.:,\u00ad\u066b\u066c]\d+)+|\d+)", _emit(_no_soft_hyphens)),
         ("[\u207a\u207b\u208a\u208b]?(?:[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+|[\u2080-\u2089]+)", _keep),
         (r"(?:\d{1,4}[\- \u00a0])?\d{1,4}(?:\\?/|\u2044)\d{1,4}", _emit(_nbsp)),
-        ("[\u00bc\u00bd\u00be\u2153-\u215e]", _emit(_fractions)),
+        ("[\u00bc\u00bd\u00be\u2153-\u215e]", _emit(lambda tok: tok.translate(_FRACTIONS))),
         (rf"(?i:-(?:rrb|lrb|rcb|lcb|rsb|lsb)-|c\.d\.s|pro-|anti-|s(?:&|&amp;)p-500|s(?:&|&amp;)ls|cap{apos}n|"
          rf"c{apos}est)", _emit(_amp)),
         (r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}", _keep),
@@ -376,21 +371,12 @@ def _rules() -> list:
         (r"[<>]?[:;=][\-o*']?[()DPdpO\\{@|\[\]]" + la("[^A-Za-z0-9]"), _emit(_ptb_parens)),
         (r"[\^x=~<>]\.\[\^(?i:x)=~<>\]|[\-\^x=~<>']_[\-\^x=~<>']|\([\-\^x=~<>'][_.]?[\-\^x=~<>']\)"
          r"|\([\^x=~<>']-[\^x=~<>'`]\)", _emit(_ptb_parens)),
-        (r"\{", _emit(lambda tok: "-LCB-")),
-        (r"\}", _emit(lambda tok: "-RCB-")),
-        (r"\[", _emit(lambda tok: "-LSB-")),
-        (r"\]", _emit(lambda tok: "-RSB-")),
-        (r"\(", _emit(lambda tok: "-LRB-")),
-        (r"\)", _emit(lambda tok: "-RRB-")),
+        (r"[{}\[\]()]", _emit(_BRACKETS.get)),
         (r"-+", _emit(lambda tok: "--" if 3 <= len(tok) <= 4 else tok)),
         ("\\.{3,5}|(?:\\.[ \u00a0]){2,4}\\.|[\u0085\u2026]", _emit(lambda tok: "...")),
-        (r"@+|#+|_+", _keep),
-        (r"\*+|(?:\\\*){1,3}", _keep),
-        (insentp, _keep),
-        (r"[?!]+", _keep),
-        ("[.\u00a1\u00bf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa\u3002]", _keep),
-        (r"=", _keep),
-        (r"/", _keep),
+        # FNMARKS, ASTS, INSENTP, [?!]+, sentence ends, "=", "/": one rule each, no two share a first character
+        (r"@+|#+|_+|\*+|(?:\\\*){1,3}|[,;:\u3001]|[?!]+|=|/|"
+         "[.\u00a1\u00bf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa\u3002]", _keep),
         (rf"{hthing}\." + la(insentp), _emit(_no_soft_hyphens)),
         (hthing, _emit(_no_soft_hyphens)),
         (rf"{thing}\." + la(insentp), _keep),

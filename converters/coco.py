@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from capfast.errors import CapfastError
-from converters import Problem, Source, items_from_captions, load_json_file, require_dir
+from converters.common import Problem, Source, is_id, items_from_captions, load_json_file, require_dir
 
 WHAT = "annotations file"
 
@@ -53,7 +53,3 @@ def captions_by_image(rows: list, paths: dict[int, Path], path: Path) -> tuple[d
             continue
         captions.setdefault(row["image_id"], []).append(row["caption"])
     return captions, problems
-
-
-def is_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 from capfast.errors import CapfastError
-from converters import Problem, Source, items_from_captions, require_dir
-from converters.coco import is_id
+from converters.common import Problem, Source, is_id, items_from_captions, require_dir
 
 WHAT = "captions file"
 

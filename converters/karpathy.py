@@ -6,8 +6,7 @@ Splits train and restval are merged into "train"; val and test stay. Image path 
 from pathlib import Path
 
 from capfast.errors import CapfastError
-from converters import Problem, Source, items_from_captions, load_json_file, require_dir
-from converters.coco import is_id
+from converters.common import Problem, Source, is_id, items_from_captions, load_json_file, require_dir
 
 WHAT = "Karpathy split file"
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}

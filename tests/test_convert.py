@@ -355,36 +355,3 @@ def test_bad_input_fails_with_one_line(case, synth_coco, tmp_path, capfast_cli):
 def test_convert_api_raises_capfast_error(tmp_path):
     with pytest.raises(CapfastError, match="--split is required"):
         convert(tmp_path, annotations=tmp_path / "a.json", images=tmp_path)
-
-
-def test_writer_crash_becomes_error_without_leftovers(tmp_path):
-    """ffcv's writer spins forever when a worker dies; beton_writer's watchdog turns that into CapfastError."""
-    from capfast.beton_writer import ImageSettings, Normalized, Records, write_beton
-
-    image = tmp_path / "a.jpg"
-    image.write_bytes(jpeg(two_color()))
-    settings = ImageSettings(16, keep_aspect=False)
-    wrong_dtype = np.zeros((1, 5, 18), dtype=np.int64)  # ffcv's int32 NDArrayField fails inside its worker
-    records = Records([0], [image], Normalized({0: (16, 16, 3)}, {}, None), settings, wrong_dtype,
-                      np.array([5]), np.array([1]))
-    with pytest.raises(CapfastError, match="ffcv writer process failed"):
-        write_beton(tmp_path / "x.beton", schema.beton_fields(5, 16), records, workers=1)
-    assert leftovers(tmp_path) == []
-
-
-def test_killed_writer_worker_becomes_error(tmp_path):
-    import os
-
-    from capfast.beton_writer import ImageSettings, Normalized, Records, write_beton
-
-    class DyingRecords(Records):
-        def __getitem__(self, j):
-            os._exit(3)  # like an OOM kill: no exception, no flag
-
-    image = tmp_path / "a.jpg"
-    image.write_bytes(jpeg(two_color()))
-    records = DyingRecords([0], [image], Normalized({0: (16, 16, 3)}, {}, None), ImageSettings(16, False),
-                           np.zeros((1, 5, 18), dtype=np.int32), np.array([5]), np.array([1]))
-    with pytest.raises(CapfastError, match="exit code 3"):
-        write_beton(tmp_path / "x.beton", schema.beton_fields(5, 16), records, workers=1)
-    assert leftovers(tmp_path) == []

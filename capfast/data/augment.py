@@ -70,21 +70,23 @@ def jitter_factors(n: int, strength: float, generator) -> torch.Tensor:
 
 # ---- resizing -----------------------------------------------------------------------------------------
 
-def resize_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def resize_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, out=None) -> torch.Tensor:
     """Crops `boxes` out of uint8 [B, 3, H, W] `images` (padded; any strides) and resizes each to size x size.
 
-    Returns [B, 3, size, size] with integer values 0..255: uint8 on the CPU, float32 on CUDA.
+    Returns [B, 3, size, size] with integer values 0..255: uint8 on the CPU (written into `out` if given),
+    float32 on CUDA.
     """
     if images.device.type == "cpu":
-        return resize_per_image(images, boxes, size)
+        return resize_per_image(images, boxes, size, out)
     return resize_batched(images, boxes, size)
 
 
-def resize_per_image(images, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def resize_per_image(images, boxes: torch.Tensor, size: int, out=None) -> torch.Tensor:
     """One F.interpolate per image: uint8 output on the CPU (its vectorized uint8 kernel), float on CUDA."""
     on_cpu = images[0].device.type == "cpu"
-    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8 if on_cpu else torch.float32,
-                      device=images[0].device)
+    if out is None:
+        out = torch.empty((len(images), 3, size, size), dtype=torch.uint8 if on_cpu else torch.float32,
+                          device=images[0].device, memory_format=torch.channels_last)
     for i, (top, left, h, w) in enumerate(boxes.tolist()):
         crop = images[i][:, top:top + h, left:left + w].unsqueeze(0)
         crop = crop.contiguous(memory_format=torch.channels_last) if on_cpu else crop.float()
@@ -140,6 +142,10 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(x / 255 - mean) / std with ImageNet statistics, channels_last, in `dtype`."""
+    from capfast.data import lut
+
+    if x.device.type == "cpu" and x.dtype == torch.uint8 and lut.supported(dtype):
+        return lut.normalize_uint8(x, lut.normalization_table(IMAGENET_MEAN, IMAGENET_STD, dtype))
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
     inv_std = 1 / (torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255)
     # NCHW while computing: a channels_last broadcast over C has an inner loop of 3 and is several times slower

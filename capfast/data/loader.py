@@ -59,7 +59,7 @@ def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.fl
     record exactly once (over all ranks when distributed), each whole image resized to image_size."""
     settings = LoaderSettings(
         batch_size=_positive_int(batch_size, "batch size"), train=bool(train), device=_device(device),
-        dtype=_dtype(dtype), image_size=_positive_int(image_size, "image size"), workers=_workers(num_workers),
+        dtype=_dtype(dtype), image_size=_positive_int(image_size, "image size"), workers=resolve_workers(num_workers),
         seed=_seed(seed), order=_order(order), os_cache=bool(os_cache), crop_scale=_range(crop_scale, "crop scale", 1.0),
         crop_ratio=_range(crop_ratio, "crop ratio", None), color_jitter=_jitter(color_jitter))
     return CaptionLoader(beton, settings, _shard(distributed))
@@ -84,6 +84,7 @@ class CaptionLoader:
         self._ffcv = self._ffcv_loader()
         self._quasi = self._quasi_order() if settings.train and settings.order == "quasi_random" else None
         self._stream = torch.cuda.Stream(settings.device) if self.on_cuda else None
+        self._resized = None
 
     @property
     def on_cuda(self) -> bool:
@@ -169,10 +170,19 @@ class CaptionLoader:
         return boxes, factors
 
     def _finish_images(self, images_u8: torch.Tensor, boxes, factors) -> torch.Tensor:
-        x = augment.resize_crops(images_u8, boxes, self.settings.image_size)
+        x = augment.resize_crops(images_u8, boxes, self.settings.image_size, self._resize_buffer(len(boxes)))
         if factors is not None:
             x = augment.color_jitter(x.float(), factors)
         return augment.normalize(x, self.settings.dtype)
+
+    def _resize_buffer(self, n: int):
+        """Reused uint8 resize output on the CPU: fresh large allocations page-fault on every batch."""
+        if self.on_cuda:
+            return None
+        size = self.settings.image_size
+        if self._resized is None or len(self._resized) < n:
+            self._resized = torch.empty((n, 3, size, size), dtype=torch.uint8, memory_format=torch.channels_last)
+        return self._resized[:n]
 
     def _cpu_batch(self, raw, epoch: int, b: int) -> Batch:
         out = dict(zip(self._ffcv.pipeline_specs, raw))
@@ -316,7 +326,7 @@ def _dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def _workers(num_workers) -> int:
+def resolve_workers(num_workers) -> int:
     """ffcv threads: all cores this process may use (shared by the ranks of a node), clamped, since ffcv
     raises when asked for more threads than cores."""
     cores = len(os.sched_getaffinity(0))

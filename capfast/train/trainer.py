@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from capfast import checkpoint, schema
 from capfast.data import build_loader
 from capfast.errors import CapfastError
-from capfast.models import ModelConfig, build_captioner
+from capfast.models import build_captioner
 from capfast.train import distributed
 from capfast.train.config import TrainConfig, to_dict
 from capfast.train.data_check import check_data_dir
@@ -48,7 +48,8 @@ class Trainer:
         self.best_cider = -math.inf
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = build_captioner(cfg.model, vocab_size=len(self.vocab)).to(self.device)
+        self.model = build_captioner(cfg.model, vocab_size=len(self.vocab),
+                                     load_encoder_weights=not resume).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
