@@ -51,7 +51,7 @@ def decode_split(model, loader, vocab, *, beam_size=3, max_len=20, max_images=0,
 
 
 def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_len=20, max_images=0,
-                   amp_dtype=None, ptb_java=False) -> Report:
+                   amp_dtype=None, ptb_java=False, meteor="auto") -> Report:
     """Decodes on every rank, gathers on rank 0 and scores there (other ranks get empty metrics)."""
     report = decode_split(model, loader, vocab, beam_size=beam_size, max_len=max_len,
                           max_images=max_images, amp_dtype=amp_dtype)
@@ -62,7 +62,7 @@ def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_le
 
     references = load_references(refs_file)
     references = {i: references[i] for i in report.results if i in references}
-    report.metrics = score(report.results, references, ptb_java=ptb_java)
+    report.metrics = score(report.results, references, ptb_java=ptb_java, meteor=meteor)
     return report
 
 

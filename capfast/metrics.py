@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import shutil
+import subprocess
 from pathlib import Path
 
 from capfast.errors import CapfastError
@@ -159,7 +160,9 @@ def _stop_meteor(meteor) -> None:
 
 def _first_stderr_line(meteor, error) -> str:
     process = meteor.meteor_p
-    if process.poll() is None:
+    try:
+        process.wait(timeout=5)  # its stdout closes a moment before it exits
+    except subprocess.TimeoutExpired:
         return error.__class__.__name__
     lines = process.stderr.read().decode(errors="replace").strip().splitlines()
     return lines[0] if lines else f"exit status {process.returncode}"

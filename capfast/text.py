@@ -11,7 +11,7 @@ official numbers without Java:
 whole list, where Java's lookahead crosses into the next line ("the letter B." before "The ...", "No." before
 "5 ...") and the last caption meets end-of-file.
 
-Speed: plain ASCII words (most of COCO) skip the lexer; other space-separated chunks are lexed once and cached;
+Speed: plain ASCII words and numbers (most of COCO) skip the lexer; other space-separated chunks are lexed once and cached;
 lines where a token or a lookahead can span a space ("1 1/2", "<a b>", "A. The") are lexed whole.
 
 Known differences: line separators inside a caption become spaces (pycocoevalcap would break the line there and
@@ -31,7 +31,7 @@ _LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\u2028\u2029\x0b\x0c"})
 _NON_BMP = re.compile("[^\u0000-\uffff]")
 _SPACE_CLASS = "[ \t\u00a0\u2000-\u200a\u3000]"
 _CHUNK = re.compile("[^ \t]+")  # URL and e-mail tokens may contain the other spaces (U+00A0, U+3000...)
-_PLAIN_WORDS = re.compile(r"[ \t]*(?:[A-Za-z]+(?:[ \t]+|$))*")
+_PLAIN_WORDS = re.compile(r"[ \t]*(?:[A-Za-z0-9]+(?:[ \t]+|$))*")
 _BRACKETS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-"}
 _LATEX_QUOTES = str.maketrans({char: quote for chars, quote in [
     ("\u0091\u2018\u201b\u2039", "`"), ("\u0092\u2019\u203a", "'"), ("\u0093\u201c\u00ab", "``"),
@@ -85,14 +85,14 @@ def _tokenize_line(line: str, document, start: int) -> list[str]:
     end = start + len(line)
     if _CROSSES_SPACE.search(line):
         return list(_finish(_lex(document, start, end)))
-    head = _PLAIN_WORDS.match(line).end()  # most captions are plain words, maybe then "word."
+    head = _PLAIN_WORDS.match(line).end()  # most captions are ASCII words and numbers, maybe then "word."
     tokens = line[:head].lower().split()
     if not _ASSIMILATIONS.isdisjoint(tokens):
         head, tokens = 0, []
     chunks = list(_CHUNK.finditer(line, head))
     for i, chunk in enumerate(chunks):
         word = chunk.group()
-        if word.isascii() and word.isalpha() and word.lower() not in _ASSIMILATIONS:
+        if word.isascii() and word.isalnum() and word.lower() not in _ASSIMILATIONS:
             tokens.append(word.lower())
         elif i == len(chunks) - 1 and (end == len(document) or _next_line_matters(word)):
             tokens.extend(_finish(_lex(document, start + chunk.start(), end)))

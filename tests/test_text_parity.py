@@ -109,11 +109,12 @@ def test_line_breaks_inside_a_caption_are_spaces():
 
 
 def test_tokenizer_is_fast():
-    captions = [f"A man riding a wave number {i} on top of a surfboard." for i in range(20_000)]
+    tokenize("Warm-up: compile the lexer.")
+    captions = [f"A man's board, number {i % 50}, rides wave {i} on top of a surfboard." for i in range(20_000)]
     start = time.perf_counter()
     tokenized = [tokenize(c) for c in captions]
-    assert time.perf_counter() - start < 5.0  # about 0.3 s on one core; generous for loaded CI machines
-    assert tokenized[7] == "a man riding a wave number 7 on top of a surfboard".split()
+    assert time.perf_counter() - start < 5.0  # about 0.2 s on one core; generous for loaded CI machines
+    assert tokenized[57] == "a man 's board number 7 rides wave 57 on top of a surfboard".split()
 
 
 def _java_ptb(captions: list[str]) -> list[str]:

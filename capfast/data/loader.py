@@ -107,7 +107,7 @@ class CaptionLoader:
         if not s.train:
             return orders.eval_indices(self.num_records, self.shard)
         if s.order == "quasi_random":
-            epoch_order = np.asarray(self._quasi.sample_order(epoch), dtype=np.int64)
+            epoch_order = orders.quasi_random_epoch_order(self._quasi, s.seed, epoch, s.batch_size)
         elif s.order == "random":
             epoch_order = orders.random_epoch_order(self.num_records, s.seed, epoch)
         else:

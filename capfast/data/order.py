@@ -38,6 +38,20 @@ def random_epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_records).astype(np.int64)
 
 
+def quasi_random_epoch_order(quasi, seed: int, epoch: int, batch_size: int) -> np.ndarray:
+    """ffcv's QUASI_RANDOM order (page-local shuffling) of the whole split, from `quasi`, an ffcv QuasiRandom.
+
+    QuasiRandom.sample_order shuffles its page table in place, so asking twice for one epoch gives two orders;
+    this works on a copy, keeping the order a function of (seed, epoch) as resuming needs.
+    """
+    from ffcv.traversal_order.quasi_random import generate_order_inner
+
+    order = np.zeros(int(quasi.page_sizes.sum()), dtype=np.int64)
+    generate_order_inner(seed * 912300 + epoch, quasi.page_to_samples_array.copy(), quasi.page_sizes, order,
+                         2 * batch_size)
+    return order
+
+
 def sequential_epoch_order(num_records: int) -> np.ndarray:
     return np.arange(num_records, dtype=np.int64)
 

@@ -210,7 +210,7 @@ class Trainer:
         refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
         report = evaluate_model(self.model, loader, self.vocab, refs, beam_size=self.cfg.eval.beam_size,
                                 max_len=self.cfg.eval.max_len, max_images=self.cfg.eval.max_images,
-                                amp_dtype=self.amp_dtype)
+                                amp_dtype=self.amp_dtype, meteor=False)  # METEOR's JVM costs ~10 s a call
         self.model.train()
         self.model.set_encoder_trainable(bool(self.encoder_trainable))
         if not self.dist.is_main:
