@@ -72,3 +72,21 @@ def capfast_cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+def read_tb_scalars(run_dir) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for events in sorted((run_dir / "tb").glob("events.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return scalars
+
+
+@pytest.fixture
+def tb_scalars():
+    """read_tb_scalars(run_dir) -> {tag: {step: value}} from the run's TensorBoard event files."""
+    return read_tb_scalars

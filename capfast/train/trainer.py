@@ -107,7 +107,7 @@ class Trainer:
             while self.epoch < self.cfg.epochs and not self._done():
                 self._set_encoder_trainable(self.epoch)
                 self._train_epoch(monitor)
-                if self._done() and self.batch_in_epoch:
+                if self.batch_in_epoch < self.steps_per_epoch * self.cfg.optim.grad_accum:
                     break  # stopped by max_steps mid-epoch: last.pt already records where to resume
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self._validate_if_due(monitor)

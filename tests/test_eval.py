@@ -1,0 +1,105 @@
+"""`capfast eval` and `capfast caption` on a tiny trained checkpoint, plus validation inside training."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capfast.train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}
+
+
+@pytest.fixture(scope="session")
+def trained_run(converted, tmp_path_factory):
+    """Two epochs of a tiny model with validation after each: last.pt, best.pt and TensorBoard events."""
+    from capfast.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [
+        "model.encoder=resnet18", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+        "data.image_size=32", "data.batch_size=8", "data.workers=1", "epochs=2", "precision=fp32",
+        "eval.every_epochs=1", "eval.beam_size=2", "checkpoint_every=0"])
+    Trainer(cfg, converted, out).train()
+    return out
+
+
+def assert_clean_error(result, *needles):
+    assert result.code != 0
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_training_validates_and_keeps_best(trained_run, tb_scalars):
+    assert (trained_run / "best.pt").is_file() and (trained_run / "last.pt").is_file()
+    scalars = tb_scalars(trained_run)
+    assert sorted(scalars["val/CIDEr"]) == [4, 8]  # 4 steps per epoch, validation after each epoch
+
+
+def test_eval_writes_metrics_and_coco_results(trained_run, converted, tmp_path, capfast_cli):
+    from pycocotools.coco import COCO
+
+    from capfast.metrics import write_reference_annotations
+    from capfast.evaluate import load_references
+
+    result = capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", converted / "val.beton",
+                         "--beam", "2", "--json", tmp_path / "m.json", "--results", tmp_path / "r.json")
+    assert result.code == 0, result.stderr
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert METRICS <= set(metrics) and all(np.isfinite(v) for v in metrics.values())
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert len(results) == 12  # every validation image exactly once
+    write_reference_annotations(load_references(converted / "refs_val.json"), tmp_path / "refs.json")
+    coco = COCO(str(tmp_path / "refs.json"))
+    loaded = coco.loadRes(str(tmp_path / "r.json"))
+    assert sorted(loaded.getImgIds()) == sorted(coco.getImgIds())
+
+
+def _odd_images(folder: Path) -> list[Path]:
+    rgb = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
+    paths = {"a.png": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb[..., 0], "L"),
+             "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"), "rgba.png": Image.fromarray(rgb).convert("RGBA")}
+    for name, image in paths.items():
+        image.save(folder / name)
+    return [folder / name for name in paths]
+
+
+def test_caption_any_image_mode(trained_run, tmp_path, capfast_cli):
+    files = _odd_images(tmp_path)
+    result = capfast_cli("caption", "--checkpoint", trained_run / "best.pt", "--json", "--beam", "2", *files)
+    assert result.code == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(f) for f in files]
+    assert all(isinstance(line["caption"], str) for line in lines)
+
+
+def test_caption_reports_unreadable_files_and_goes_on(trained_run, tmp_path, capfast_cli):
+    good = _odd_images(tmp_path)[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image at all")
+    result = capfast_cli("caption", "--checkpoint", trained_run / "best.pt", bad, good, tmp_path / "missing.jpg")
+    assert result.code != 0
+    assert "broken.jpg" in result.stderr and "missing.jpg" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.startswith(str(good))
+
+
+def test_eval_bad_inputs(trained_run, converted, tmp_path, capfast_cli):
+    assert_clean_error(capfast_cli("eval", "--checkpoint", tmp_path / "nope.pt", "--data", converted / "val.beton"),
+                       "checkpoint not found")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((trained_run / "best.pt").read_bytes()[:1000])
+    assert_clean_error(capfast_cli("eval", "--checkpoint", corrupt, "--data", converted / "val.beton"),
+                       "cannot read checkpoint")
+    data = tmp_path / "data"
+    shutil.copytree(converted, data)
+    vocab = json.loads((data / "vocab.json").read_text())
+    vocab["words"].append("zebra-that-was-never-seen")
+    (data / "vocab.json").write_text(json.dumps(vocab))
+    assert_clean_error(capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data / "val.beton"),
+                       "different vocabulary")
+    assert_clean_error(capfast_cli("caption", "--checkpoint", corrupt, tmp_path / "x.jpg"), "cannot read checkpoint")
