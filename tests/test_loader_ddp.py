@@ -3,10 +3,13 @@
 import json
 import time
 
+import pytest
 import torch.multiprocessing as mp
 
 from capfast.inspect_beton import BetonContents
 
+# numba prints a harmless KeyError when ffcv's compiled pipelines are garbage-collected
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 WORLD = 2
 TIMEOUT_S = 240
 
@@ -29,7 +32,8 @@ def rank_main(rank: int, train_beton: str, val_beton: str, init_file: str, out_d
         quasi = list(loader(train_beton, batch_size=3, train=True, order="quasi_random", os_cache=False).epoch(0))
         val = list(loader(val_beton, batch_size=5, train=False).epoch(0))
         result = {"len": len(train), "batches": [len(e) for e in epochs], "train": [image_ids(e) for e in epochs],
-                  "quasi": image_ids(quasi), "eval": image_ids(val), "eval_batch_sizes": [len(b.image_ids) for b in val]}
+                  "quasi": image_ids(quasi), "eval": image_ids(val),
+                  "eval_batch_sizes": [len(b.image_ids) for b in val]}
     finally:
         dist.destroy_process_group()
     with open(f"{out_dir}/rank{rank}.json", "w") as f:

@@ -6,6 +6,7 @@ image on the CPU (uint8 fast path), and on CUDA as two batched matmuls with the 
 costs a handful of kernels instead of a few per image. No horizontal flip: captions say "left" and "right".
 """
 
+import functools
 import math
 
 import torch
@@ -17,6 +18,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop's
+
+
+# ---- device helpers ----------------------------------------------------------------------------------
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-device copy that does not wait for the stream: a plain .to() of pageable memory synchronizes it."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@functools.cache
+def constants(device: torch.device) -> dict:
+    """ImageNet mean * 255, 1 / (std * 255) and the gray weights as [1, 3, 1, 1] float32, once per device."""
+    def column(values):
+        return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+
+    return {"mean": column(IMAGENET_MEAN) * 255, "inv_std": 1 / (column(IMAGENET_STD) * 255),
+            "gray": column(GRAY_WEIGHTS)}
 
 
 # ---- sampling (CPU, seeded) --------------------------------------------------------------------------
@@ -96,7 +116,7 @@ def resize_per_image(images, boxes: torch.Tensor, size: int, out=None) -> torch.
 
 def resize_batched(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """The same antialiased bilinear resize as resize_per_image, as out = Wy @ image @ Wx^T for the batch."""
-    boxes = boxes.to(images.device)
+    boxes = to_device(boxes, images.device)
     rows = aa_weights(boxes[:, 0], boxes[:, 2], images.shape[2], size)
     cols = aa_weights(boxes[:, 1], boxes[:, 3], images.shape[3], size)
     with torch.autocast(images.device.type, enabled=False):
@@ -126,13 +146,12 @@ def aa_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size
 # ---- colour and normalization ------------------------------------------------------------------------
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True)
+    return (x * constants(x.device)["gray"]).sum(dim=1, keepdim=True)
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """torchvision's adjust_brightness, _contrast, _saturation (in that order) on float [B, 3, H, W] in 0..255."""
-    f = factors.to(device=x.device, dtype=x.dtype).view(-1, 3, 1, 1)
+    """torchvision's adjust_brightness, _contrast, _saturation (in that order) on float32 [B, 3, H, W] in 0..255."""
+    f = to_device(factors, x.device).view(-1, 3, 1, 1)
     x = (x * f[:, 0:1]).clamp_(0, 255)
     mean = _gray(x).mean(dim=(2, 3), keepdim=True)
     x = ((x - mean) * f[:, 1:2] + mean).clamp_(0, 255)
@@ -146,10 +165,9 @@ def normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     if x.device.type == "cpu" and x.dtype == torch.uint8 and lut.supported(dtype):
         return lut.normalize_uint8(x, lut.normalization_table(IMAGENET_MEAN, IMAGENET_STD, dtype))
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255)
+    c = constants(x.device)
     # NCHW while computing: a channels_last broadcast over C has an inner loop of 3 and is several times slower
-    y = torch.sub(x.contiguous(), mean).mul_(inv_std)
+    y = torch.sub(x.contiguous(), c["mean"]).mul_(c["inv_std"])
     return y.to(dtype=dtype, memory_format=torch.channels_last)
 
 

@@ -7,7 +7,7 @@ ffcv's own image decoders either need one image size (Simple) or crop with an un
 """
 
 from dataclasses import replace
-from queue import Full
+from queue import Empty, Full
 
 import numpy as np
 from ffcv.libffcv import imdecode, memcpy
@@ -103,7 +103,7 @@ class ImageInfoDecoder(Operation):
 
 class GuardedEpochIterator(EpochIterator):
     """ffcv's epoch iterator over an explicit order, except that an error in its worker thread is raised in the
-    consumer (ffcv's own leaves the consumer blocked on the queue forever), and close() is idempotent."""
+    consumer (ffcv's own leaves the consumer blocked on the queue forever), and close() releases the thread."""
 
     _closed = False
 
@@ -137,6 +137,16 @@ class GuardedEpochIterator(EpochIterator):
         if not self._closed:
             self._closed = True
             super().close()
+            self._drain()
+
+    def _drain(self) -> None:
+        """ffcv's thread ends an epoch with an unbounded put(None): when the consumer stopped early with the
+        queue full, that put would block forever and keep the thread and its batch buffers alive."""
+        while True:
+            try:
+                self.output_queue.get_nowait()
+            except Empty:
+                return
 
 
 class _Failure:

@@ -35,7 +35,7 @@ def decode_jpegs(encoded: list[torch.Tensor], device) -> list[torch.Tensor]:
         if name == "torchcodec":
             try:
                 return list(decode(encoded, device=device))
-            except TypeError:  # a TorchCodec whose decode_jpeg takes one image at a time
+            except (TypeError, ValueError, RuntimeError):  # a TorchCodec whose decode_jpeg takes one image at a time
                 return [decode(data, device=device) for data in encoded]
         from torchvision.io import ImageReadMode
         return decode(encoded, mode=ImageReadMode.RGB, device=device)

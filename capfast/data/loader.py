@@ -49,6 +49,7 @@ class LoaderSettings:
     crop_scale: tuple
     crop_ratio: tuple
     color_jitter: float
+    decoder: str  # "ffcv": libjpeg-turbo on ffcv's threads (CPU); "bytes": decode_jpegs (nvJPEG on CUDA)
 
 
 def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.float32, image_size=224,
@@ -57,11 +58,13 @@ def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.fl
     """A loader over `beton` (written by `capfast convert`). train=True: seeded shuffled order that changes every
     epoch, full batches only, random resized crops (+ optional colour jitter). train=False: file order, every
     record exactly once (over all ranks when distributed), each whole image resized to image_size."""
+    device = _device(device)
     settings = LoaderSettings(
-        batch_size=_positive_int(batch_size, "batch size"), train=bool(train), device=_device(device),
-        dtype=_dtype(dtype), image_size=_positive_int(image_size, "image size"), workers=resolve_workers(num_workers),
-        seed=_seed(seed), order=_order(order), os_cache=bool(os_cache), crop_scale=_range(crop_scale, "crop scale", 1.0),
-        crop_ratio=_range(crop_ratio, "crop ratio", None), color_jitter=_jitter(color_jitter))
+        batch_size=_positive_int(batch_size, "batch size"), train=bool(train), device=device, dtype=_dtype(dtype),
+        image_size=_positive_int(image_size, "image size"), workers=resolve_workers(num_workers), seed=_seed(seed),
+        order=_order(order), os_cache=bool(os_cache), crop_scale=_range(crop_scale, "crop scale", 1.0),
+        crop_ratio=_range(crop_ratio, "crop ratio", None), color_jitter=_jitter(color_jitter),
+        decoder="bytes" if device.type == "cuda" else "ffcv")
     return CaptionLoader(beton, settings, _shard(distributed))
 
 
@@ -142,8 +145,8 @@ class CaptionLoader:
 
         from capfast.data.ffcv_ops import GuardedEpochIterator
 
-        Compiler.set_num_threads(self.settings.workers)
-        with self._device_context():
+        with self._device_context(), torch_threads_kept():
+            Compiler.set_num_threads(self.settings.workers)
             return GuardedEpochIterator(self._ffcv, indices)
 
     def _prefetched(self, numbered, epoch: int) -> Iterator[Batch]:
@@ -164,9 +167,15 @@ class CaptionLoader:
         s = self.settings
         if not s.train:
             return augment.full_boxes(sizes), None
-        generator = torch.Generator().manual_seed(orders.batch_seed(s.seed, epoch, batch, self.shard.rank))
-        boxes = augment.random_crop_boxes(sizes, s.crop_scale, s.crop_ratio, generator)
-        factors = augment.jitter_factors(len(sizes), s.color_jitter, generator) if s.color_jitter > 0 else None
+        generator = torch.Generator().manual_seed(orders.batch_seed(s.seed, epoch, batch))
+        n, world = len(sizes), self.shard.world_size
+        mine = slice(self.shard.rank * n, (self.shard.rank + 1) * n)
+        # Draw for the whole global batch, keep this rank's rows: a sample crops the same at any world size.
+        # Each row's box depends only on its own draws and size, so the other ranks' sizes need not be known.
+        boxes = augment.random_crop_boxes(sizes.repeat(world, 1), s.crop_scale, s.crop_ratio, generator)[mine]
+        factors = None
+        if s.color_jitter > 0:
+            factors = augment.jitter_factors(n * world, s.color_jitter, generator)[mine]
         return boxes, factors
 
     def _finish_images(self, images_u8: torch.Tensor, boxes, factors) -> torch.Tensor:
@@ -186,28 +195,33 @@ class CaptionLoader:
 
     def _cpu_batch(self, raw, epoch: int, b: int) -> Batch:
         out = dict(zip(self._ffcv.pipeline_specs, raw))
-        sizes = out[IMAGE_INFO][:, :2].clone()
-        boxes, factors = self._augmentation(sizes, epoch, b)
+        boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
         with single_torch_thread():
-            images = self._finish_images(out[schema.IMAGE].permute(0, 3, 1, 2), boxes, factors)
+            images = self._images(out, boxes, factors)
         return Batch(images, *self._labels(out))
 
     def _cuda_batch(self, raw, epoch: int, b: int):
         """Enqueues decode + transforms of one batch on the side stream; returns (Batch, ready event)."""
-        from capfast.data.jpeg import decode_jpegs
-
         out = dict(zip(self._ffcv.pipeline_specs, raw))
-        info = out[IMAGE_INFO].clone()
-        boxes, factors = self._augmentation(info[:, :2], epoch, b)
-        encoded = [out[schema.IMAGE][i, :n] for i, n in enumerate(info[:, 2].tolist())]
+        boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
         self._stream.synchronize()  # see decode_jpegs: nothing may be queued on the decoding stream
         with torch.cuda.stream(self._stream):
             labels = self._labels(out)  # synchronous copies, before the stream has work queued
-            decoded = decode_jpegs(encoded, self.settings.device)
-            images = self._finish_images(augment.pad_images(decoded), boxes, factors)
+            images = self._images(out, boxes, factors)
             ready = torch.cuda.Event()
             ready.record(self._stream)
         return Batch(images, *labels), ready
+
+    def _images(self, out: dict, boxes, factors) -> torch.Tensor:
+        """The batch's model input, from ffcv's decoded pixels or from the JPEG bytes (nvJPEG on CUDA)."""
+        if self.settings.decoder == "ffcv":
+            decoded = out[schema.IMAGE].permute(0, 3, 1, 2)
+        else:
+            from capfast.data.jpeg import decode_jpegs
+
+            encoded = [out[schema.IMAGE][i, :n] for i, n in enumerate(out[IMAGE_INFO][:, 2].tolist())]
+            decoded = augment.pad_images(decode_jpegs(encoded, self.settings.device))
+        return self._finish_images(decoded, boxes, factors)
 
     def _hand_over(self, batch: Batch, ready) -> Batch:
         consumer = torch.cuda.current_stream(self.settings.device)
@@ -235,7 +249,7 @@ class CaptionLoader:
         from ffcv.loader import Loader, OrderOption
 
         s = self.settings
-        with self._device_context():
+        with self._device_context(), torch_threads_kept():
             # drop_last/order/distributed stay off: capfast plans each rank's epoch order itself
             return Loader(self.beton, batch_size=s.batch_size, num_workers=s.workers, os_cache=s.os_cache,
                           order=OrderOption.SEQUENTIAL, seed=s.seed, drop_last=False,
@@ -249,7 +263,8 @@ class CaptionLoader:
 
         from capfast.data.ffcv_ops import FullImageDecoder, ImageInfoDecoder, JpegBytesDecoder
 
-        image_decoder = JpegBytesDecoder(self.max_jpeg_bytes) if self.on_cuda else FullImageDecoder()
+        ffcv_decodes = self.settings.decoder == "ffcv"
+        image_decoder = FullImageDecoder() if ffcv_decodes else JpegBytesDecoder(self.max_jpeg_bytes)
         return {
             schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=image_decoder, transforms=[ToTensor()]),
             schema.CAPTIONS: PipelineSpec(schema.CAPTIONS, decoder=NDArrayDecoder(), transforms=[ToTensor()]),
@@ -269,8 +284,15 @@ class CaptionLoader:
 def single_torch_thread():
     """ffcv's decode threads already keep the cores busy; torch's intra-op threads competing with them for small
     per-image ops made the CPU loader ~10x slower (measured on 2 cores)."""
+    with torch_threads_kept():
+        torch.set_num_threads(1)
+        yield
+
+
+@contextlib.contextmanager
+def torch_threads_kept():
+    """Restores torch's intra-op thread count afterwards (ffcv's Compiler.set_num_threads also sets it)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         yield
     finally:

@@ -23,10 +23,15 @@ def train_batches_per_rank(num_records: int, batch_size: int, shard: Shard) -> i
 
 
 def train_order(epoch_order: np.ndarray, batch_size: int, shard: Shard) -> np.ndarray:
-    """This rank's contiguous piece of the epoch order (contiguous keeps quasi-random page locality per rank)."""
-    per_rank = train_batches_per_rank(len(epoch_order), batch_size, shard) * batch_size
-    start = shard.rank * per_rank
-    return epoch_order[start:start + per_rank]
+    """This rank's records: its slice of every global batch (world_size x batch_size records of the order).
+
+    Global batch i is then the same records whatever the world size, so N ranks x B/N images train exactly
+    like 1 rank x B images.
+    """
+    global_batch = batch_size * shard.world_size
+    batches = len(epoch_order) // global_batch
+    grid = epoch_order[:batches * global_batch].reshape(batches, shard.world_size, batch_size)
+    return np.ascontiguousarray(grid[:, shard.rank, :]).reshape(-1)
 
 
 def eval_indices(num_records: int, shard: Shard) -> np.ndarray:
@@ -56,7 +61,8 @@ def sequential_epoch_order(num_records: int) -> np.ndarray:
     return np.arange(num_records, dtype=np.int64)
 
 
-def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
-    """Seed of one batch's augmentation: independent of what ran before, so a resumed epoch crops the same."""
-    state = np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1, np.uint64)[0]
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """Seed of one global batch's augmentation: independent of what ran before (a resumed epoch crops the
+    same) and of the world size (each rank takes its rows of the global batch's draws)."""
+    state = np.random.SeedSequence([seed, epoch, batch]).generate_state(1, np.uint64)[0]
     return int(state) & (2**63 - 1)

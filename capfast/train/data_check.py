@@ -31,7 +31,7 @@ def check_vocab_matches(data_dir: Path, split: str, vocab: Vocab) -> None:
     except ValueError:
         raise CapfastError(f"{meta_file} is not valid JSON") from None
     split_meta = meta.get("splits", {}).get(split, {})
-    expected = split_meta.get("vocab_fingerprint")
+    expected = split_meta.get("settings", {}).get("vocab_fingerprint")
     if expected and expected != vocab.fingerprint():
         raise CapfastError(f"{split}.beton was encoded with a different vocabulary than "
                            f"{data_dir / schema.VOCAB_FILE}: re-run `capfast convert` with --vocab")
