@@ -4,7 +4,7 @@
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 OUT=${DEMO_OUT:-demo_out}
-TRAIN_IMAGES=${DEMO_TRAIN_IMAGES:-1200}
+TRAIN_IMAGES=${DEMO_TRAIN_IMAGES:-800}
 capfast() { "$PY" -m capfast "$@"; }
 
 rm -rf "$OUT"
