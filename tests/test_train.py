@@ -160,3 +160,12 @@ def test_existing_run_needs_resume(converted, tmp_path, capfast_cli):
     train(converted, tmp_path / "run", "epochs=1")
     result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "run")
     assert_clean_error(result, "--resume")
+
+
+def test_nproc_launches_ddp_processes(converted, tmp_path, tb_scalars):
+    proc = subprocess.run([sys.executable, "-m", "capfast", "train", "--config", ROOT / "configs/cpu_smoke.toml",
+                           "--data", converted, "--out", tmp_path / "run", "--nproc", "2", *TINY, "epochs=1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert sorted(tb_scalars(tmp_path / "run")["train/loss"]) == [1, 2, 3, 4]  # global batch 8: 4 steps

@@ -4,6 +4,7 @@ Data-loader efficiency = real ÷ synthetic: 1.0 means the model never waits for 
 Trainer, model and optimizer step, in one process, so machine noise hits both alike.
 """
 
+import contextlib
 import itertools
 import tempfile
 import time
@@ -13,13 +14,18 @@ import click
 
 
 def _steps_per_sec(trainer, batches, steps: int, warmup: int) -> float:
-    iterator = iter(batches)
-    for _ in range(warmup):
-        trainer._optimizer_step([next(iterator)])
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer._optimizer_step([next(iterator)])
-    return steps / (time.perf_counter() - start)
+    with contextlib.closing(iter(batches)) as iterator:
+        for _ in range(warmup):
+            trainer._optimizer_step([next(iterator)])
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer._optimizer_step([next(iterator)])
+        return steps / (time.perf_counter() - start)
+
+
+def _forever(batch):
+    while True:
+        yield batch
 
 
 def _endless_epochs(loader):
@@ -35,8 +41,9 @@ def measure(cfg, data_dir: Path, steps: int, warmup: int) -> dict:
         trainer._set_encoder_trainable(0)
         global_batch = cfg.data.batch_size
         real = _steps_per_sec(trainer, _endless_epochs(trainer.train_loader), steps, warmup) * global_batch
-        resident = next(iter(trainer.train_loader.epoch(0)))
-        synthetic = _steps_per_sec(trainer, itertools.repeat(resident), steps, warmup) * global_batch
+        with contextlib.closing(trainer.train_loader.epoch(0)) as first_epoch:
+            resident = next(first_epoch)
+        synthetic = _steps_per_sec(trainer, _forever(resident), steps, warmup) * global_batch
     return {"real_img_s": real, "synthetic_img_s": synthetic, "efficiency": real / synthetic,
             "is_main": trainer.dist.is_main}
 

@@ -31,10 +31,10 @@ def command(config_path, data_dir, out_dir, resume, nproc, overrides):
 
     cfg = load_config(config_path, list(overrides))
     if nproc > 1:
-        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc=")]
-        argv = _drop_flag_value(argv, "--nproc")
         from capfast.train.distributed import launch
 
+        argv = ["train", "--config", str(config_path), "--data", str(data_dir), "--out", str(out_dir),
+                *(["--resume"] if resume else []), *overrides]
         sys.exit(launch(nproc, argv))
     last = out_dir / "last.pt"
     if resume and not last.is_file():
@@ -56,16 +56,3 @@ def command(config_path, data_dir, out_dir, resume, nproc, overrides):
     finally:
         distributed.shutdown()
 
-
-def _drop_flag_value(argv: list[str], flag: str) -> list[str]:
-    """Removes `flag VALUE` pairs (the `--flag=VALUE` form was already filtered)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == flag:
-            skip = True
-            continue
-        out.append(arg)
-    return out

@@ -6,6 +6,7 @@ N ranks × B/N images give the same gradient as 1 rank × B images.
 """
 
 import contextlib
+import itertools
 import math
 import random
 import time
@@ -121,33 +122,33 @@ class Trainer:
 
     def _train_epoch(self, monitor: Monitor) -> None:
         accum = self.cfg.optim.grad_accum
-        batches = self.train_loader.epoch(self.epoch, skip_batches=self.batch_in_epoch)
-        micro = []
-        wait_start = time.perf_counter()
-        data_wait = 0.0
-        for batch in batches:
-            if self.batch_in_epoch + len(micro) >= self.steps_per_epoch * accum:
-                break  # leftover micro-batches that cannot fill an optimizer step
-            data_wait += time.perf_counter() - wait_start
-            micro.append(batch)
-            if len(micro) == accum:
-                stats = self._optimizer_step(micro)
-                self.batch_in_epoch += accum
-                self._after_step(monitor, stats, data_wait, wait_start)
-                micro, data_wait = [], 0.0
-                if self._done():
-                    break
-            wait_start = time.perf_counter()
+        wanted = self.steps_per_epoch * accum - self.batch_in_epoch  # micro-batches that fill whole steps
+        epoch = self.train_loader.epoch(self.epoch, skip_batches=self.batch_in_epoch)
+        with contextlib.closing(epoch):
+            micro, data_wait = [], 0.0
+            step_begin = fetch_begin = time.perf_counter()
+            for batch in itertools.islice(epoch, wanted):
+                data_wait += time.perf_counter() - fetch_begin
+                micro.append(batch)
+                if len(micro) == accum:
+                    stats = self._optimizer_step(micro)
+                    self.batch_in_epoch += accum
+                    stats.update(step_time=time.perf_counter() - step_begin, data_wait=data_wait)
+                    self._after_step(monitor, stats)
+                    if self._done():
+                        break
+                    micro, data_wait = [], 0.0
+                    step_begin = time.perf_counter()
+                fetch_begin = time.perf_counter()
 
     def _optimizer_step(self, micro_batches: list) -> dict:
-        step_start = time.perf_counter()
         factor = lr_factor(self.step, self.total_steps, self.cfg.optim.warmup_steps, self.cfg.optim.min_lr_ratio)
         set_lr(self.optimizer, factor)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self._maybe_no_sync(last):
-                loss, batch_loss_sum = self._forward_backward(batch, len(micro_batches))
+                _, batch_loss_sum = self._forward_backward(batch, len(micro_batches))
             loss_sum += batch_loss_sum
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -157,8 +158,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         images = sum(b.images.shape[0] for b in micro_batches) * self.dist.world_size
+        # .item() waits for the step to finish, so step times are real; the loader prefetches meanwhile.
         return {"loss": loss_sum.item() / len(micro_batches), "lr": self.optimizer.param_groups[0]["lr"],
-                "images": images, "step_start": step_start}
+                "images": images}
 
     def _forward_backward(self, batch, accum: int):
         """Backward of one micro-batch; returns (scaled loss, this micro-batch's global mean token loss)."""
@@ -182,18 +184,16 @@ class Trainer:
             return contextlib.nullcontext()
         return model.no_sync()
 
-    def _after_step(self, monitor: Monitor, stats: dict, data_wait: float, wait_start: float) -> None:
-        step_time = time.perf_counter() - min(stats["step_start"], wait_start)
-        images_per_sec = stats["images"] / step_time
+    def _after_step(self, monitor: Monitor, stats: dict) -> None:
+        images_per_sec = stats["images"] / stats["step_time"]
         if self.step % self.cfg.log_every == 0 or self.step == 1:
             values = {"train/loss": stats["loss"], "train/lr": stats["lr"],
-                      "perf/images_per_sec": images_per_sec, "perf/step_time_ms": step_time * 1e3,
-                      "perf/data_wait_ms": data_wait * 1e3}
+                      "perf/images_per_sec": images_per_sec, "perf/step_time_ms": stats["step_time"] * 1e3,
+                      "perf/data_wait_ms": stats["data_wait"] * 1e3}
             if self.device.type == "cuda":
                 values["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             monitor.scalars(self.step, values)
         monitor.step_done(stats["loss"], images_per_sec)
-        self.last_loss = stats["loss"]
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self._done():
             self._save("last.pt")
 
