@@ -67,13 +67,9 @@ def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_le
 
 
 def load_references(refs_file: Path) -> dict[int, list[str]]:
-    refs_file = Path(refs_file)
-    try:
-        raw = json.loads(refs_file.read_text())
-    except FileNotFoundError:
-        raise CapfastError(f"reference captions not found: {refs_file} (written by `capfast convert`)") from None
-    except ValueError:
-        raise CapfastError(f"{refs_file} is not valid JSON") from None
+    from capfast.io import read_json
+
+    raw = read_json(refs_file, "reference captions (written by `capfast convert`)")
     return {int(k): v for k, v in raw.items()}
 
 

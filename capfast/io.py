@@ -1,9 +1,12 @@
 """Atomic file writes: a crash never leaves a half-written output behind."""
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
+
+from capfast.errors import CapfastError
 
 
 @contextlib.contextmanager
@@ -30,3 +33,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_json(path: Path, what: str):
+    """Parsed JSON of `path`; a CapfastError naming `what` and the file when it is missing or invalid."""
+    path = Path(path)
+    if not path.exists():
+        raise CapfastError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise CapfastError(f"{what} is not a file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CapfastError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CapfastError(f"{what} {path} is not valid JSON (line {e.lineno}: {e.msg})") from None

@@ -3,14 +3,15 @@
 from pathlib import Path
 
 from capfast.errors import CapfastError
-from converters.common import Problem, Source, is_id, items_from_captions, load_json_file, require_dir
+from capfast.io import read_json
+from converters.common import Problem, Source, is_id, items_from_captions, require_dir
 
 WHAT = "annotations file"
 
 
 def read_coco(annotations, images, split: str) -> Source:
     annotations, images = Path(annotations), Path(images)
-    data = load_json_file(annotations, WHAT)
+    data = read_json(annotations, WHAT)
     require_dir(images, "image directory")
     image_rows, caption_rows = checked_tables(data, annotations)
     paths, problems = image_paths(image_rows, images, annotations)

@@ -1,6 +1,5 @@
 """Shared by the readers: the record types and the input-file checks."""
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,22 +31,6 @@ class Source:
     description: dict  # for meta.json: the format and input paths
     items: dict[str, list[Item]] = field(default_factory=dict)
     problems: dict[str, list[Problem]] = field(default_factory=dict)
-
-
-def load_json_file(path: Path, what: str):
-    path = Path(path)
-    if not path.exists():
-        raise CapfastError(f"{what} not found: {path}")
-    if not path.is_file():
-        raise CapfastError(f"{what} is not a file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CapfastError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CapfastError(f"{what} {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 def require_dir(path: Path, what: str) -> Path:

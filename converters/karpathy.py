@@ -6,7 +6,8 @@ Splits train and restval are merged into "train"; val and test stay. Image path 
 from pathlib import Path
 
 from capfast.errors import CapfastError
-from converters.common import Problem, Source, is_id, items_from_captions, load_json_file, require_dir
+from capfast.io import read_json
+from converters.common import Problem, Source, is_id, items_from_captions, require_dir
 
 WHAT = "Karpathy split file"
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -19,7 +20,7 @@ def read_karpathy(dataset_json, root, splits=SPLITS) -> Source:
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise CapfastError(f"unknown Karpathy split(s) {', '.join(sorted(unknown))}; choose from train, val, test")
-    data = load_json_file(dataset_json, WHAT)
+    data = read_json(dataset_json, WHAT)
     require_dir(root, "image root")
     rows = checked_images(data, dataset_json)
     source = Source({"format": "karpathy", "annotations": str(dataset_json), "images": str(root)})

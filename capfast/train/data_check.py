@@ -1,10 +1,10 @@
 """Up-front checks of a converted data directory, so a bad --data fails in one line, not mid-run."""
 
-import json
 from pathlib import Path
 
 from capfast import schema
 from capfast.errors import CapfastError
+from capfast.io import read_json
 from capfast.vocab import Vocab
 
 
@@ -23,13 +23,7 @@ def check_data_dir(data_dir: Path, train_split: str) -> Vocab:
 
 def check_vocab_matches(data_dir: Path, split: str, vocab: Vocab) -> None:
     """meta.json records the fingerprint of the vocabulary each split was encoded with."""
-    meta_file = Path(data_dir) / schema.META_FILE
-    try:
-        meta = json.loads(meta_file.read_text())
-    except FileNotFoundError:
-        raise CapfastError(f"{meta_file} not found: {data_dir} was not written by `capfast convert`") from None
-    except ValueError:
-        raise CapfastError(f"{meta_file} is not valid JSON") from None
+    meta = read_json(Path(data_dir) / schema.META_FILE, "meta.json of `capfast convert`")
     split_meta = meta.get("splits", {}).get(split, {})
     expected = split_meta.get("settings", {}).get("vocab_fingerprint")
     if expected and expected != vocab.fingerprint():
