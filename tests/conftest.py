@@ -90,3 +90,13 @@ def read_tb_scalars(run_dir) -> dict[str, dict[int, float]]:
 def tb_scalars():
     """read_tb_scalars(run_dir) -> {tag: {step: value}} from the run's TensorBoard event files."""
     return read_tb_scalars
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, for a torchrun rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -103,3 +103,18 @@ def test_eval_bad_inputs(trained_run, converted, tmp_path, capfast_cli):
     assert_clean_error(capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data / "val.beton"),
                        "different vocabulary")
     assert_clean_error(capfast_cli("caption", "--checkpoint", corrupt, tmp_path / "x.jpg"), "cannot read checkpoint")
+
+
+def test_eval_under_torchrun_scores_every_image_once(trained_run, converted, tmp_path, free_port):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
+           "--master_addr=127.0.0.1", "-m", "capfast", "eval", "--checkpoint", trained_run / "best.pt",
+           "--data", converted / "val.beton", "--beam", "1", "--results", tmp_path / "r.json"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "r.json").read_text())
+    ids = sorted(r["image_id"] for r in results)
+    assert len(ids) == 12 and len(set(ids)) == 12
+    assert proc.stdout.count("CIDEr") == 1  # only rank 0 prints

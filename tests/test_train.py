@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,13 +75,7 @@ from capfast.train import distributed; distributed.shutdown()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _first_step(converted, out: Path, nproc: int) -> dict:
+def _first_step(converted, out: Path, nproc: int, port: int = 0) -> dict:
     out.mkdir()
     script = out / "step.py"
     script.write_text(DDP_SCRIPT)
@@ -92,15 +85,15 @@ def _first_step(converted, out: Path, nproc: int) -> dict:
         cmd = [sys.executable, script, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", script, *args]
+               f"--master_port={port}", "--master_addr=127.0.0.1", script, *args]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out / "step1.pt")
 
 
-def test_two_gloo_processes_match_one_process(converted, tmp_path):
+def test_two_gloo_processes_match_one_process(converted, tmp_path, free_port):
     one = _first_step(converted, tmp_path / "one", 1)
-    two = _first_step(converted, tmp_path / "two", 2)
+    two = _first_step(converted, tmp_path / "two", 2, free_port)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert one["grads"].keys() == two["grads"].keys() and one["grads"]
     for name, grad in one["grads"].items():
