@@ -50,7 +50,8 @@ def run(n_images: int, workers: int | None, side_range=(480, 640)) -> dict:
 
 
 @click.command()
-@click.option("--images", "n_images", type=int, default=400, show_default=True, help="Synthetic images (480-640 px).")
+@click.option("--images", "n_images", type=int, default=1500, show_default=True,
+              help="Synthetic images (480-640 px); small runs are dominated by fixed start-up costs.")
 @click.option("--workers", type=int, default=None, help="convert --workers [default: all cores].")
 def command(n_images, workers):
     """Time `capfast convert` against a single-process PIL resize+encode loop."""
