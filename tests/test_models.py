@@ -207,3 +207,11 @@ def test_compiled_forward_backward_has_no_graph_breaks():
             loss = caption_loss(compiled(images(size=32), caps), caps)
         loss.backward()
         assert torch.isfinite(loss)
+
+
+def test_random_encoder_weights_can_be_asked_for_by_name():
+    from capfast.models import ModelConfig, build_captioner
+
+    model = build_captioner(ModelConfig(encoder="resnet18", encoder_weights="random", d_model=16, n_layers=1,
+                                        n_heads=2), vocab_size=10)
+    assert model.encoder.trunk[0].weight.abs().sum() > 0

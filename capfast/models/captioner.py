@@ -20,7 +20,7 @@ class ModelConfig:
     """Saved in checkpoints as asdict(cfg) and rebuilt with ModelConfig(**d): keep every field JSON-serializable."""
 
     encoder: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
-    encoder_weights: str | None = None  # None: random init | "torchvision": download pretrained | state_dict path
+    encoder_weights: str | None = None  # None/"random": random init | "torchvision": download | state_dict path
     decoder: str = "transformer"  # transformer | lstm
     d_model: int = 512  # image feature size (both decoders) and transformer width
     n_layers: int = 3

@@ -62,6 +62,8 @@ class Encoder(nn.Module):
         super().__init__()
         if name not in ENCODER_CHANNELS:
             raise CapfastError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODER_CHANNELS)}")
+        if weights in ("", "random"):  # TOML has no null: a recipe says "random" to override a default
+            weights = None
         resnet = torchvision_resnet(name, weights)
         # An OrderedDict keeps torchvision's parameter names, so its state_dict files load as they are.
         self.trunk = nn.Sequential(OrderedDict((layer, getattr(resnet, layer)) for layer in TRUNK_LAYERS))
