@@ -67,7 +67,7 @@ cfg = load_config(Path(sys.argv[1]), sys.argv[4:])
 trainer = Trainer(cfg, Path(sys.argv[2]), Path(sys.argv[3]))
 trainer._set_encoder_trainable(0)
 batch = next(iter(trainer.train_loader.epoch(0)))
-_, loss = trainer._forward_backward(batch, 1)
+loss = trainer._accumulate_gradients([batch])
 if trainer.dist.is_main:
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     torch.save({"loss": loss.item(), "grads": grads, "ids": batch.image_ids}, Path(sys.argv[3]) / "step1.pt")
@@ -96,6 +96,31 @@ def test_two_gloo_processes_match_one_process(converted, tmp_path, free_port):
     two = _first_step(converted, tmp_path / "two", 2, free_port)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert one["grads"].keys() == two["grads"].keys() and one["grads"]
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_equals_one_big_batch(converted, tmp_path):
+    """2 micro-batches of 4 give the gradient of 1 batch of 8 (same records; full-image crops, frozen BN)."""
+    from capfast.train.trainer import Trainer
+
+    def first_step_grads(batch_size: int, accum: int) -> dict:
+        cfg = load_config(ROOT / "configs" / "cpu_smoke.toml",
+                          [*TINY, f"data.batch_size={batch_size}", f"optim.grad_accum={accum}",
+                           "data.crop_scale=[1.0, 1.0]", "encoder_trainable_from_epoch=-1"])
+        trainer = Trainer(cfg, converted, tmp_path / f"run{accum}")
+        trainer._set_encoder_trainable(0)
+        epoch = trainer.train_loader.epoch(0)
+        micro = [next(epoch) for _ in range(accum)]
+        epoch.close()
+        loss = trainer._accumulate_gradients(micro)
+        ids = torch.cat([b.image_ids for b in micro])
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return {"loss": loss.item(), "ids": ids.tolist(), "grads": grads}
+
+    one, two = first_step_grads(8, 1), first_step_grads(4, 2)
+    assert one["ids"] == two["ids"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 

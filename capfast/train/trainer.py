@@ -144,12 +144,7 @@ class Trainer:
     def _optimizer_step(self, micro_batches: list) -> dict:
         factor = lr_factor(self.step, self.total_steps, self.cfg.optim.warmup_steps, self.cfg.optim.min_lr_ratio)
         set_lr(self.optimizer, factor)
-        loss_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with self._maybe_no_sync(last):
-                _, batch_loss_sum = self._forward_backward(batch, len(micro_batches))
-            loss_sum += batch_loss_sum
+        loss = self._accumulate_gradients(micro_batches)
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -159,23 +154,31 @@ class Trainer:
         self.step += 1
         images = sum(b.images.shape[0] for b in micro_batches) * self.dist.world_size
         # .item() waits for the step to finish, so step times are real; the loader prefetches meanwhile.
-        return {"loss": loss_sum.item() / len(micro_batches), "lr": self.optimizer.param_groups[0]["lr"],
-                "images": images}
+        return {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"], "images": images}
 
-    def _forward_backward(self, batch, accum: int):
-        """Backward of one micro-batch; returns (scaled loss, this micro-batch's global mean token loss)."""
+    def _accumulate_gradients(self, micro_batches: list) -> torch.Tensor:
+        """Gradients of the mean token loss over every caption token of the step, on all ranks together:
+        k micro-batches x N ranks give the gradient of one batch k*N times as large. Returns that mean loss."""
+        pad = self.vocab.pad_id
+        tokens = sum((b.captions[..., 1:] != pad).sum() for b in micro_batches)
+        global_tokens = distributed.all_reduce_sum(tokens.float()).clamp(min=1)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            with self._maybe_no_sync(i == len(micro_batches) - 1):
+                loss_sum += self._forward_backward(batch, global_tokens)
+        return distributed.all_reduce_sum(loss_sum) / global_tokens
+
+    def _forward_backward(self, batch, global_tokens: torch.Tensor) -> torch.Tensor:
+        """Backward of this micro-batch's share of the step's loss; returns its summed token loss."""
         with autocast_context(self.device, self.amp_dtype):
             logits = self.train_model(batch.images, batch.captions)
         targets = batch.captions[..., 1:]
         token_loss_sum = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
                                          ignore_index=self.vocab.pad_id, reduction="sum",
                                          label_smoothing=self.cfg.optim.label_smoothing)
-        tokens = (targets != self.vocab.pad_id).sum()
-        totals = distributed.all_reduce_sum(torch.stack([token_loss_sum.detach(), tokens.float()]))
-        # DDP averages gradients over ranks, hence × world_size: the result is sum / global token count.
-        loss = token_loss_sum * self.dist.world_size / totals[1].clamp(min=1) / accum
-        self.scaler.scale(loss).backward()
-        return loss, totals[0] / totals[1].clamp(min=1)
+        # DDP averages gradients over ranks, hence x world_size: the sum over ranks / the global token count.
+        self.scaler.scale(token_loss_sum * self.dist.world_size / global_tokens).backward()
+        return token_loss_sum.detach()
 
     def _maybe_no_sync(self, sync: bool):
         model = self.train_model
