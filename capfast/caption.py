@@ -26,18 +26,14 @@ def read_image(path: Path) -> torch.Tensor:
 def caption_images(model, vocab, images: list[torch.Tensor], *, image_size: int, beam_size=3, max_len=20,
                    batch_size=32, amp_dtype=None) -> list[str]:
     from capfast.data import preprocess_images
-    from capfast.decoding import generate
-    from capfast.train.precision import autocast_context
+    from capfast.evaluate import caption_batch
 
     device = next(model.parameters()).device
-    dtype = amp_dtype or torch.float32
     captions = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        batch = preprocess_images(chunk, image_size=image_size, device=device, dtype=dtype)
-        with autocast_context(device, amp_dtype):
-            tokens, _ = generate(model, batch, beam_size=beam_size, max_len=max_len)
-        captions += [vocab.decode(row) for row in tokens.tolist()]
+        batch = preprocess_images(images[start:start + batch_size], image_size=image_size, device=device,
+                                  dtype=amp_dtype or torch.float32)
+        captions += caption_batch(model, batch, vocab, beam_size, max_len, amp_dtype)
     return captions
 
 

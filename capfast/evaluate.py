@@ -3,6 +3,7 @@
 Under torchrun each rank decodes its shard of the split; rank 0 gathers the captions and scores them.
 """
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,25 +30,29 @@ class Report:
 def decode_split(model, loader, vocab, *, beam_size=3, max_len=20, max_images=0, amp_dtype=None,
                  keep_samples=4) -> Report:
     """This rank's captions for its shard of the loader's split."""
+    model.eval()
+    report = Report()
+    batches = loader.epoch(0)
+    with contextlib.closing(batches):  # stopping early must also stop ffcv's prefetch thread
+        for batch in batches:
+            captions = caption_batch(model, batch.images, vocab, beam_size, max_len, amp_dtype)
+            report.results.update(zip(batch.image_ids.tolist(), captions))
+            take = max(0, keep_samples - len(report.sample_images))
+            report.sample_images += list(_denormalize(batch.images[:take]))
+            report.sample_captions += captions[:take]
+            if max_images and len(report.results) >= max_images:
+                break
+    return report
+
+
+def caption_batch(model, images: torch.Tensor, vocab, beam_size: int, max_len: int, amp_dtype=None) -> list[str]:
+    """One caption per image of a preprocessed batch."""
     from capfast.decoding import generate
     from capfast.train.precision import autocast_context
 
-    model.eval()
-    device = next(model.parameters()).device
-    report = Report()
-    for batch in loader.epoch(0):
-        with autocast_context(device, amp_dtype):
-            tokens, _ = generate(model, batch.images, beam_size=beam_size, max_len=max_len)
-        captions = [vocab.decode(row) for row in tokens.tolist()]
-        for image_id, caption in zip(batch.image_ids.tolist(), captions):
-            report.results[int(image_id)] = caption
-        if len(report.sample_images) < keep_samples:
-            take = keep_samples - len(report.sample_images)
-            report.sample_images += list(_denormalize(batch.images[:take]))
-            report.sample_captions += captions[:take]
-        if max_images and len(report.results) >= max_images:
-            break
-    return report
+    with autocast_context(images.device, amp_dtype):
+        tokens, _ = generate(model, images, beam_size=beam_size, max_len=max_len)
+    return [vocab.decode(row) for row in tokens.tolist()]
 
 
 def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_len=20, max_images=0,

@@ -66,7 +66,9 @@ from capfast.train.trainer import Trainer
 cfg = load_config(Path(sys.argv[1]), sys.argv[4:])
 trainer = Trainer(cfg, Path(sys.argv[2]), Path(sys.argv[3]))
 trainer._set_encoder_trainable(0)
-batch = next(iter(trainer.train_loader.epoch(0)))
+epoch = trainer.train_loader.epoch(0)
+batch = next(epoch)
+epoch.close()  # stops ffcv's prefetch thread: exiting under a running numba parallel loop aborts the process
 loss = trainer._accumulate_gradients([batch])
 if trainer.dist.is_main:
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}

@@ -7,6 +7,7 @@ ffcv's own image decoders either need one image size (Simple) or crop with an un
 """
 
 import sys
+import time
 from dataclasses import replace
 from queue import Empty, Full
 
@@ -135,10 +136,15 @@ class GuardedEpochIterator(EpochIterator):
         return result
 
     def close(self):
-        if not self._closed:
-            self._closed = True
-            super().close()
+        if self._closed:
+            return
+        self._closed = True
+        super().close()
+        # Wait for the thread to end: a process that exits while it runs a numba parallel loop aborts.
+        deadline = time.monotonic() + 30
+        while self.is_alive() and time.monotonic() < deadline:
             self._drain()
+            self.join(timeout=0.05)
 
     def _drain(self) -> None:
         """ffcv's thread ends an epoch with an unbounded put(None): when the consumer stopped early with the
