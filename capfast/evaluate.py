@@ -14,10 +14,6 @@ import torch
 from capfast import schema
 from capfast.errors import CapfastError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 @dataclass
 class Report:
     metrics: dict = field(default_factory=dict)
@@ -37,9 +33,10 @@ def decode_split(model, loader, vocab, *, beam_size=3, max_len=20, max_images=0,
         for batch in batches:
             captions = caption_batch(model, batch.images, vocab, beam_size, max_len, amp_dtype)
             report.results.update(zip(batch.image_ids.tolist(), captions))
-            take = max(0, keep_samples - len(report.sample_images))
-            report.sample_images += list(_denormalize(batch.images[:take]))
-            report.sample_captions += captions[:take]
+            take = keep_samples - len(report.sample_images)
+            if take > 0:
+                report.sample_images += list(_denormalize(batch.images[:take]))
+                report.sample_captions += captions[:take]
             if max_images and len(report.results) >= max_images:
                 break
     return report
@@ -95,6 +92,9 @@ def _gather_results(results: dict):
 
 
 def _denormalize(images: torch.Tensor) -> torch.Tensor:
+    """The loader's normalized images back to [0, 1], for TensorBoard."""
+    from capfast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() * std + mean).clamp(0, 1).cpu()
