@@ -70,6 +70,7 @@ class Trainer:
             self._restore(self.out_dir / "last.pt")
         self.encoder_trainable = None
         self.train_model = None
+        self.val_loader = None
 
     # ---- setup helpers -------------------------------------------------------------------------------
 
@@ -209,7 +210,9 @@ class Trainer:
             return
         from capfast.evaluate import evaluate_model
 
-        loader = self._make_loader(self.cfg.data.val_split, train=False)
+        if self.val_loader is None:  # built once: each new loader pays a numba compile
+            self.val_loader = self._make_loader(self.cfg.data.val_split, train=False)
+        loader = self.val_loader
         refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
         report = evaluate_model(self.model, loader, self.vocab, refs, beam_size=self.cfg.eval.beam_size,
                                 max_len=self.cfg.eval.max_len, max_images=self.cfg.eval.max_images,
