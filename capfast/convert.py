@@ -185,6 +185,7 @@ def convert_split(out: Path, name: str, items: list[Item], source: Source, vocab
         write_beton(schema.beton_path(out, name), fields, records, workers)
     refs = {str(items[i].image_id): items[i].captions for i in good}
     atomic_write_text(schema.refs_path(out, name), json.dumps(refs, ensure_ascii=False))
+    copy_attributes(out, name, source, refs)
     elapsed = time.perf_counter() - started
     report(name, out, len(good), problems, elapsed)
     return split_meta(source, settings, vocab, refs, int(ncaptions.sum()), truncated, problems, elapsed)
@@ -232,6 +233,23 @@ def describe(problem: Problem) -> str:
     where = " ".join(p for p in (f"image {problem.image_id}" if problem.image_id is not None else "",
                                  problem.file or "") if p)
     return f"{where}: {problem.reason}" if where else problem.reason
+
+
+def copy_attributes(out: Path, name: str, source: Source, refs: dict) -> None:
+    """`capfast synth` records what each image shows beside its COCO captions file (captions_X.json ->
+    attributes_X.json); the written images' entries go to OUT/attributes_NAME.json for `capfast eval`."""
+    from capfast.io import read_json
+
+    target = schema.attributes_path(out, name)
+    annotations = Path(source.description.get("annotations", ""))
+    found = annotations.with_name("attributes_" + annotations.name.removeprefix("captions_"))
+    if source.description.get("format") != "coco" or not annotations.name.startswith("captions_") \
+            or not found.is_file():
+        target.unlink(missing_ok=True)  # from an earlier conversion of this split
+        return
+    attributes = read_json(found, "image attributes (written by `capfast synth`)")
+    kept = {image_id: attributes[image_id] for image_id in refs if image_id in attributes}
+    atomic_write_text(target, json.dumps(kept))
 
 
 # ---- meta.json --------------------------------------------------------------------------------------------

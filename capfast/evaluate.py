@@ -25,21 +25,32 @@ class Report:
 @torch.inference_mode()
 def decode_split(model, loader, vocab, *, beam_size=3, max_len=20, max_images=0, amp_dtype=None,
                  keep_samples=4) -> Report:
-    """This rank's captions for its shard of the loader's split."""
+    """This rank's captions for its shard of the loader's split; with max_images, this rank's share of them."""
     model.eval()
     report = Report()
+    limit = rank_share(max_images, loader.shard.rank, loader.shard.world_size) if max_images else None
+    if limit == 0:
+        return report
     batches = loader.epoch(0)
     with contextlib.closing(batches):  # stopping early must also stop ffcv's prefetch thread
         for batch in batches:
-            captions = caption_batch(model, batch.images, vocab, beam_size, max_len, amp_dtype)
-            report.results.update(zip(batch.image_ids.tolist(), captions))
+            images, image_ids = batch.images, batch.image_ids
+            if limit is not None:
+                images, image_ids = images[:limit - len(report.results)], image_ids[:limit - len(report.results)]
+            captions = caption_batch(model, images, vocab, beam_size, max_len, amp_dtype)
+            report.results.update(zip(image_ids.tolist(), captions))
             take = keep_samples - len(report.sample_images)
             if take > 0:
-                report.sample_images += list(_denormalize(batch.images[:take]))
+                report.sample_images += list(_denormalize(images[:take]))
                 report.sample_captions += captions[:take]
-            if max_images and len(report.results) >= max_images:
+            if limit is not None and len(report.results) >= limit:
                 break
     return report
+
+
+def rank_share(max_images: int, rank: int, world_size: int) -> int:
+    """How many of `max_images` images rank `rank` scores: the shares of all ranks add up to max_images."""
+    return max_images // world_size + (rank < max_images % world_size)
 
 
 def caption_batch(model, images: torch.Tensor, vocab, beam_size: int, max_len: int, amp_dtype=None) -> list[str]:
@@ -53,19 +64,56 @@ def caption_batch(model, images: torch.Tensor, vocab, beam_size: int, max_len: i
 
 
 def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_len=20, max_images=0,
-                   amp_dtype=None, ptb_java=False, meteor="auto") -> Report:
-    """Decodes on every rank, gathers on rank 0 and scores there (other ranks get empty metrics)."""
+                   amp_dtype=None, ptb_java=False, meteor="auto", attributes_file=None, blind=False) -> Report:
+    """Decodes on every rank, gathers on rank 0 and scores there (other ranks get empty metrics).
+
+    attributes_file (attributes_SPLIT.json of `capfast synth` data): adds accuracy/colour, /shape, /position.
+    blind=True adds the same metrics as "blind/..." for the same model shown a blank image instead of each
+    image: what it says without looking, the chance level of every score."""
     report = decode_split(model, loader, vocab, beam_size=beam_size, max_len=max_len,
                           max_images=max_images, amp_dtype=amp_dtype)
     report.results = _gather_results(report.results)
     if report.results is None:
         return Report()
-    from capfast.metrics import score
-
     references = load_references(refs_file)
     references = {i: references[i] for i in report.results if i in references}
-    report.metrics = score(report.results, references, ptb_java=ptb_java, meteor=meteor)
+    attributes = _load_attributes(attributes_file)
+    report.metrics = _scores(report.results, references, attributes, ptb_java=ptb_java, meteor=meteor)
+    if blind:
+        caption = blind_caption(model, vocab, loader.settings.image_size, loader.settings.dtype, beam_size,
+                                max_len, amp_dtype)
+        blind_results = dict.fromkeys(report.results, caption)
+        scores = _scores(blind_results, references, attributes, ptb_java=ptb_java, meteor=False)
+        report.metrics.update({f"blind/{k}": v for k, v in scores.items()})
     return report
+
+
+def _scores(results: dict, references: dict, attributes: dict | None, **score_options) -> dict:
+    from capfast.attributes import attribute_accuracy
+    from capfast.metrics import score
+
+    metrics = score(results, references, **score_options)
+    if attributes:
+        metrics.update(attribute_accuracy(results, attributes))
+    return metrics
+
+
+def _load_attributes(path):
+    if path is None or not Path(path).is_file():
+        return None
+    from capfast.attributes import load_attributes
+
+    return load_attributes(path)
+
+
+@torch.inference_mode()
+def blind_caption(model, vocab, image_size: int, dtype, beam_size: int, max_len: int, amp_dtype=None) -> str:
+    """The caption the model gives a blank image (all zeros after normalization: ImageNet's mean colour).
+    Decoding is per image, so every image blanked would get this same caption."""
+    device = next(model.parameters()).device
+    blank = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
+    model.eval()
+    return caption_batch(model, blank, vocab, beam_size, max_len, amp_dtype)[0]
 
 
 def load_references(refs_file: Path) -> dict[int, list[str]]:
@@ -113,8 +161,15 @@ def _denormalize(images: torch.Tensor) -> torch.Tensor:
               help="Write the captions in COCO results format: [{image_id, caption}].")
 @click.option("--ptb-java", is_flag=True, help="Tokenize with the official Java PTBTokenizer (needs java).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def command(checkpoint_path, beton, beam_size, max_len, batch_size, json_out, results_out, ptb_java, device):
-    """Score a checkpoint on a converted split: BLEU-1..4, METEOR (when Java is present), ROUGE-L, CIDEr."""
+@click.option("--max-images", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Score only this many images (over all processes); 0 = the whole split.")
+@click.option("--blind/--no-blind", default=True, show_default=True,
+              help="Also score the same model shown a blank image: the level it reaches without looking.")
+def command(checkpoint_path, beton, beam_size, max_len, batch_size, json_out, results_out, ptb_java, device,
+            max_images, blind):
+    """Score a checkpoint on a converted split: BLEU-1..4, METEOR (when Java is present), ROUGE-L, CIDEr;
+    on `capfast synth` data also how often the caption names each shape's colour, kind and position right.
+    The "blind" column is the same model given a blank image instead of each image."""
     from capfast.checkpoint import load_model
     from capfast.data import build_loader
     from capfast.train import distributed
@@ -136,12 +191,13 @@ def command(checkpoint_path, beton, beam_size, max_len, batch_size, json_out, re
         data_vocab_file = data_dir / schema.VOCAB_FILE
         if data_vocab_file.exists() and Vocab.load(data_vocab_file).words != vocab.words:
             raise CapfastError(f"{checkpoint_path} was trained with a different vocabulary than {data_vocab_file}")
-        if data_vocab_file.exists():
+        if data_vocab_file.exists() and (data_dir / schema.META_FILE).exists():  # eval needs no meta.json
             check_vocab_matches(data_dir, split, vocab)
         loader = build_loader(beton, batch_size=batch_size, train=False, device=device,
                               image_size=state["image_size"], distributed=dist_info.enabled)
         report = evaluate_model(model, loader, vocab, schema.refs_path(data_dir, split), beam_size=beam_size,
-                                max_len=max_len, ptb_java=ptb_java)
+                                max_len=max_len, max_images=max_images, ptb_java=ptb_java,
+                                attributes_file=schema.attributes_path(data_dir, split), blind=blind)
         if dist_info.is_main:
             _print_and_write(report, json_out, results_out)
     finally:
@@ -153,8 +209,14 @@ def _print_and_write(report: Report, json_out, results_out) -> None:
     from capfast.metrics import write_results
 
     click.echo(f"{len(report.results)} images")
+    blind = any(name.startswith("blind/") for name in report.metrics)
+    if blind:
+        click.echo(f"{'':18s} {'model':>7s} {'blind':>7s}")
     for name, value in report.metrics.items():
-        click.echo(f"{name:8s} {value:.4f}")
+        if not name.startswith("blind/"):
+            blind_value = report.metrics.get(f"blind/{name}")
+            shown = f" {blind_value:7.4f}" if blind_value is not None else ""
+            click.echo(f"{name:18s} {value:7.4f}{shown}")
     if json_out:
         atomic_write_text(Path(json_out), json.dumps(report.metrics, indent=2))
     if results_out:

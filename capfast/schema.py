@@ -4,6 +4,8 @@ A converted data directory holds, per split NAME:
   NAME.beton        FFCV records: image (JPEG, baseline RGB), captions (int32 [K, max_len+2]),
                     ncaptions (how many rows of `captions` are real), image_id (COCO id)
   refs_NAME.json    {"image_id": [raw reference captions, untruncated]} for evaluation
+  attributes_NAME.json  (only for `capfast synth` data) {"image_id": {background, gradient_to, shapes: [{kind,
+                    color, size, position}]}}: what each image shows, for attribute accuracy in `capfast eval`
 and once for the directory:
   vocab.json        the vocabulary (capfast.vocab.Vocab), built from the training split
   meta.json         {"format_version", "splits": {NAME: {source, settings, counts, skipped}}}
@@ -29,6 +31,10 @@ def beton_path(data_dir, split: str) -> Path:
 
 def refs_path(data_dir, split: str) -> Path:
     return Path(data_dir) / f"refs_{split}.json"
+
+
+def attributes_path(data_dir, split: str) -> Path:
+    return Path(data_dir) / f"attributes_{split}.json"
 
 
 def beton_fields(captions_per_image: int, max_len: int, jpeg_quality: int = 90) -> dict:

@@ -8,7 +8,7 @@ them. Output is deterministic for a given seed (byte-identical JPEGs and JSON).
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
@@ -145,12 +145,19 @@ def jpeg_bytes(img: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def scene_attributes(scene: Scene) -> dict:
+    """What an image shows, for scoring captions (capfast/attributes.py)."""
+    return {"background": scene.background, "gradient_to": scene.gradient_to,
+            "shapes": [asdict(shape) for shape in scene.shapes]}
+
+
 def make_split(out: Path, split: str, image_ids: list[int], rng: random.Random,
-               side_range: tuple[int, int]) -> tuple[dict, list[dict]]:
-    """Writes the split's images; returns its COCO captions JSON and the per-image records for Karpathy."""
+               side_range: tuple[int, int]) -> tuple[dict, list[dict], dict]:
+    """Writes the split's images; returns its COCO captions JSON, the per-image records for Karpathy and
+    {image id: scene attributes}."""
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations, records = [], [], []
+    images, annotations, records, attributes = [], [], [], {}
     for image_id in image_ids:
         scene = random_scene(rng, side_range)
         file_name = f"COCO_{split}_{image_id:012d}.jpg"
@@ -161,6 +168,7 @@ def make_split(out: Path, split: str, image_ids: list[int], rng: random.Random,
         for text in texts:
             annotations.append({"id": 0, "image_id": image_id, "caption": text})
         records.append({"image_id": image_id, "file_name": file_name, "captions": texts, "split": split})
+        attributes[str(image_id)] = scene_attributes(scene)
     coco = {
         "info": {"description": f"capfast synthetic shapes ({split})", "version": "1.0", "year": 2024,
                  "contributor": "capfast synth", "date_created": "2024-01-01"},
@@ -168,7 +176,7 @@ def make_split(out: Path, split: str, image_ids: list[int], rng: random.Random,
         "images": images,
         "annotations": annotations,
     }
-    return coco, records
+    return coco, records, attributes
 
 
 def karpathy_split(record: dict, index_in_split: int) -> str:
@@ -196,8 +204,9 @@ def karpathy_json(records: list[dict]) -> dict:
 
 def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: bool = False,
                         side_range: tuple[int, int] = (64, 160)) -> Path:
-    """Writes OUT/images/{train,val}/*.jpg and OUT/annotations/captions_{train,val}.json (COCO captions
-    format); with karpathy=True also OUT/dataset_coco.json. Image ids are unique across splits, not sorted."""
+    """Writes OUT/images/{train,val}/*.jpg, OUT/annotations/captions_{train,val}.json (COCO captions format) and
+    OUT/annotations/attributes_{train,val}.json ({image id: {background, gradient_to, shapes: [{kind, color,
+    size, position}]}}); with karpathy=True also OUT/dataset_coco.json. Image ids are unique across splits."""
     if n_train < 0 or n_val < 0:
         raise CapfastError("--train and --val must be >= 0")
     if not 8 <= side_range[0] <= side_range[1]:
@@ -209,11 +218,12 @@ def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: 
     records = []
     annotation_id = 1
     for split, split_ids in (("train", ids[:n_train]), ("val", ids[n_train:])):
-        coco, split_records = make_split(out, split, split_ids, rng, side_range)
+        coco, split_records, attributes = make_split(out, split, split_ids, rng, side_range)
         for annotation in coco["annotations"]:
             annotation["id"] = annotation_id
             annotation_id += 1
         (out / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco, indent=1))
+        (out / "annotations" / f"attributes_{split}.json").write_text(json.dumps(attributes, indent=1))
         records += split_records
     if karpathy:
         (out / "dataset_coco.json").write_text(json.dumps(karpathy_json(records)))

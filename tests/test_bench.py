@@ -3,14 +3,23 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LAST_LINE = re.compile(r"^capfast_img_s=[\d.]+ baseline_img_s=[\d.]+ ratio=[\d.]+$")
+
+
+def assert_ratio_is_capfast_over_baseline(line: str) -> None:
+    values = {k: float(v) for k, v in (pair.split("=") for pair in line.split())}
+    assert values["capfast_img_s"] > 0 and values["baseline_img_s"] > 0, line
+    assert values["ratio"] == pytest.approx(values["capfast_img_s"] / values["baseline_img_s"], rel=0.03, abs=0.01)
 
 
 def test_bench_convert(capfast_cli):
     result = capfast_cli("bench", "convert", "--images", "12", "--workers", "1")
     assert result.code == 0, result.stderr
     assert LAST_LINE.match(result.stdout.strip().splitlines()[-1]), result.stdout
+    assert_ratio_is_capfast_over_baseline(result.stdout.strip().splitlines()[-1])
 
 
 def test_bench_train_reports_loader_efficiency(converted, capfast_cli):
@@ -21,3 +30,4 @@ def test_bench_train_reports_loader_efficiency(converted, capfast_cli):
     lines = result.stdout.strip().splitlines()
     assert "efficiency" in lines[0]
     assert LAST_LINE.match(lines[-1]), result.stdout
+    assert_ratio_is_capfast_over_baseline(lines[-1])

@@ -52,6 +52,10 @@ def test_eval_writes_metrics_and_coco_results(trained_run, converted, tmp_path, 
     assert result.code == 0, result.stderr
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert METRICS <= set(metrics) and all(np.isfinite(v) for v in metrics.values())
+    accuracies = {"accuracy/colour", "accuracy/shape", "accuracy/position"}  # synth data carries attributes
+    assert accuracies | {f"blind/{k}" for k in accuracies | METRICS} <= set(metrics)
+    assert all(0 <= metrics[k] <= 1 for k in accuracies)
+    assert "blind" in result.stdout and "accuracy/colour" in result.stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert len(results) == 12  # every validation image exactly once
     write_reference_annotations(load_references(converted / "refs_val.json"), tmp_path / "refs.json")
@@ -75,7 +79,9 @@ def test_caption_any_image_mode(trained_run, tmp_path, capfast_cli):
     assert result.code == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["file"] for line in lines] == [str(f) for f in files]
-    assert all(isinstance(line["caption"], str) for line in lines)
+    for line in lines:
+        assert line["caption"].strip(), line  # an empty caption is not a caption
+        assert line["caption"] == line["caption"].strip() and "<" not in line["caption"], line  # no special tokens
 
 
 def test_caption_reports_unreadable_files_and_goes_on(trained_run, tmp_path, capfast_cli):
@@ -118,3 +124,59 @@ def test_eval_under_torchrun_scores_every_image_once(trained_run, converted, tmp
     ids = sorted(r["image_id"] for r in results)
     assert len(ids) == 12 and len(set(ids)) == 12
     assert proc.stdout.count("CIDEr") == 1  # only rank 0 prints
+
+
+def test_eval_needs_no_meta_json(trained_run, converted, tmp_path, capfast_cli):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("val.beton", "refs_val.json", "vocab.json"):  # what eval reads; no meta.json, no train split
+        shutil.copy(converted / name, data / name)
+    result = capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data / "val.beton",
+                         "--beam", "1", "--no-blind", "--json", tmp_path / "m.json")
+    assert result.code == 0, result.stderr
+    assert METRICS <= set(json.loads((tmp_path / "m.json").read_text()))
+
+
+def test_max_images_counts_over_all_ranks(trained_run, converted):
+    """Under DDP each rank scores its share: N ranks together score max_images, not N x max_images."""
+    from capfast.checkpoint import load_model
+    from capfast.data.loader import CaptionLoader, build_loader
+    from capfast.data.order import Shard
+    from capfast.evaluate import decode_split
+
+    model, vocab, state = load_model(trained_run / "best.pt")
+    settings = build_loader(converted / "val.beton", batch_size=4, train=False, image_size=32).settings
+    ids = []
+    for rank in (0, 1):
+        rank_loader = CaptionLoader(converted / "val.beton", settings, Shard(rank, 2))
+        results = decode_split(model, rank_loader, vocab, beam_size=1, max_images=5).results
+        assert len(results) == (3, 2)[rank]
+        ids += list(results)
+    assert len(set(ids)) == 5
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("a small red circle on the left of a white background", (True, True, True)),
+    ("a red and blue gradient background with a red circle to the left", (True, True, True)),
+    ("a red circle on the right", (True, True, False)),
+    ("a red square", (True, False, False)),
+    ("a blue circle on the left and a red circle on the right", (False, False, False)),  # one shape too many
+    ("a white background", (False, False, False)),
+])
+def test_attribute_accuracy_of_one_shape(caption, expected):
+    from capfast.attributes import ATTRIBUTES, image_correct, mentions
+
+    truth = [{"colour": "red", "shape": "circle", "position": "left"}]
+    assert tuple(image_correct(mentions(caption), truth)[a] for a in ATTRIBUTES) == expected
+
+
+def test_attribute_accuracy_of_two_shapes_binds_positions_to_shapes():
+    from capfast.attributes import attribute_accuracy
+
+    truth = {1: [{"colour": "red", "shape": "circle", "position": "left"},
+                 {"colour": "blue", "shape": "square", "position": "right"}]}
+    right = "a blue square on the right and a red circle to the left"
+    swapped = "a red circle on the right and a blue square on the left"
+    assert attribute_accuracy({1: right}, truth) == {"accuracy/colour": 1, "accuracy/shape": 1, "accuracy/position": 1}
+    assert attribute_accuracy({1: swapped}, truth) == {"accuracy/colour": 1, "accuracy/shape": 1,
+                                                       "accuracy/position": 0}

@@ -165,7 +165,13 @@ def test_quasi_random_order_is_seeded_and_covers_the_split(train_beton):
     quasi = loader(train_beton, seed=5, order="quasi_random", os_cache=False)
     epoch0, epoch1 = ids(quasi.epoch(0)), ids(quasi.epoch(1))
     assert sorted(epoch0) == sorted(epoch1) and len(set(epoch0)) == 32
-    assert list(quasi.rank_order(1)) == list(quasi.rank_order(1))
+    first = quasi.rank_order(1)
+    assert list(quasi.rank_order(1)) == list(first)  # asking again (as a resumed run does) gives the same order
+    assert list(quasi.rank_order(0)) != list(first)
+    from capfast.data.order import quasi_random_epoch_order
+
+    other_seed = quasi_random_epoch_order(quasi._quasi, 6, 1, quasi.settings.batch_size)
+    assert sorted(other_seed) == sorted(first) and list(other_seed) != list(first)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
@@ -301,7 +307,9 @@ def test_bench_loader_prints_a_machine_readable_ratio(train_beton):
     assert result.exit_code == 0, result.output
     values = dict(pair.split("=") for pair in result.output.strip().splitlines()[-1].split())
     assert set(values) == {"capfast_img_s", "baseline_img_s", "ratio"}
-    assert float(values["capfast_img_s"]) > 0 and float(values["ratio"]) > 0
+    capfast, baseline, ratio = (float(values[k]) for k in ("capfast_img_s", "baseline_img_s", "ratio"))
+    assert capfast > 0 and baseline > 0
+    assert ratio == pytest.approx(capfast / baseline, rel=0.03, abs=0.01)  # capfast over its baseline
 
 
 # ---- CUDA (skipped without a GPU) -------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_each_caption_sees_only_its_own_image_and_prefix(decoder):
 
 
 def test_frozen_encoder_gets_no_grads_and_keeps_bn_stats():
-    model = tiny_model()
+    model = tiny_model(batchnorm="batch")  # a trainable trunk updates its statistics (the default freezes them)
     model.set_encoder_trainable(False)
     model.train()
     bn = model.encoder.trunk.bn1
@@ -145,7 +145,7 @@ def test_config_round_trips_through_json_and_skips_weights_when_asked(tmp_path):
     rebuilt = ModelConfig(**json.loads(json.dumps(asdict(cfg))))
     assert rebuilt == cfg
     assert build_captioner(rebuilt, VOCAB, load_encoder_weights=False) is not None
-    with pytest.raises(CapfastError, match="unknown model config keys"):
+    with pytest.raises(CapfastError, match="unknown config key .model.layers."):
         ModelConfig.from_dict({**asdict(cfg), "layers": 3})
 
 
@@ -215,3 +215,22 @@ def test_random_encoder_weights_can_be_asked_for_by_name():
     model = build_captioner(ModelConfig(encoder="resnet18", encoder_weights="random", d_model=16, n_layers=1,
                                         n_heads=2), vocab_size=10)
     assert model.encoder.trunk[0].weight.abs().sum() > 0
+
+
+def test_frozen_batchnorm_trains_the_encoder_without_batch_statistics():
+    """model.batchnorm=frozen: a trainable trunk whose BatchNorm uses its stored statistics, so each image's
+    features do not depend on the rest of its batch (what makes N ranks x B/N equal 1 x B)."""
+    for mode in ("frozen", "batch"):
+        model = tiny_model(batchnorm=mode).train()
+        model.set_encoder_trainable(True)
+        bn = model.encoder.trunk.bn1
+        before = bn.running_mean.clone()
+        batch = images(b=3)
+        alone = model.encode(batch[:1])
+        model(batch, captions(b=3)).sum().backward()
+        assert model.encoder.trunk.conv1.weight.grad is not None and bn.weight.grad is not None
+        if mode == "frozen":
+            assert not bn.training and torch.equal(bn.running_mean, before)
+            torch.testing.assert_close(model.encode(batch)[:1], alone)
+        else:
+            assert bn.training and not torch.equal(bn.running_mean, before)

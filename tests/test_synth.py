@@ -86,3 +86,31 @@ def test_cli(tmp_path, capfast_cli):
     assert result.code == 0, result.stderr
     assert len(list((tmp_path / "s" / "images" / "train").glob("*.jpg"))) == 3
     assert not (tmp_path / "s" / "dataset_coco.json").exists()
+
+
+def test_attributes_record_what_each_caption_names(synth_coco):
+    """attributes_SPLIT.json holds every image's shapes; parsed, each reference caption names their colours and
+    kinds, and their positions whenever it names positions at all."""
+    from capfast.attributes import image_correct, load_attributes, mentions
+
+    for split in ("train", "val"):
+        coco = json.loads((synth_coco / "annotations" / f"captions_{split}.json").read_text())
+        attributes = load_attributes(synth_coco / "annotations" / f"attributes_{split}.json")
+        assert set(attributes) == {image["id"] for image in coco["images"]}
+        positioned = 0
+        for annotation in coco["annotations"]:
+            named = mentions(annotation["caption"])
+            correct = image_correct(named, attributes[annotation["image_id"]])
+            assert correct["colour"] and correct["shape"], annotation["caption"]
+            if all(m["position"] for m in named):
+                assert correct["position"], annotation["caption"]
+                positioned += 1
+        assert positioned >= 0.6 * len(coco["annotations"])
+
+
+def test_convert_carries_the_attributes_of_the_written_images(converted):
+    for split in ("train", "val"):
+        refs = json.loads((converted / f"refs_{split}.json").read_text())
+        attributes = json.loads((converted / f"attributes_{split}.json").read_text())
+        assert set(attributes) == set(refs)
+        assert all(scene["shapes"] for scene in attributes.values())

@@ -42,7 +42,15 @@ def test_tiny_model_learns_and_logs_every_step(converted, tmp_path, tb_scalars):
 
 
 def test_bf16_autocast_on_cpu(converted, tmp_path, tb_scalars):
-    train(converted, tmp_path / "run", "epochs=1", "precision=\"bf16\"")
+    from capfast.train.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*TINY, "epochs=1", "precision=\"bf16\""])
+    trainer = Trainer(cfg, converted, tmp_path / "run")
+    computed_in = set()
+    for layer in (trainer.model.encoder.trunk.conv1, trainer.model.decoder.blocks[0].mlp.net[0]):
+        layer.register_forward_hook(lambda module, inputs, output: computed_in.add(output.dtype))
+    trainer.train()
+    assert computed_in == {torch.bfloat16}  # the convolutions and matmuls ran in bf16, not just the loss
     losses = tb_scalars(tmp_path / "run")["train/loss"]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
@@ -81,8 +89,8 @@ def _first_step(converted, out: Path, nproc: int, port: int = 0) -> dict:
     out.mkdir()
     script = out / "step.py"
     script.write_text(DDP_SCRIPT)
-    # A frozen encoder keeps BatchNorm in eval mode: batch statistics would otherwise differ per shard.
-    args = [ROOT / "configs" / "cpu_smoke.toml", converted, out, *TINY, "encoder_trainable_from_epoch=-1"]
+    # A trainable encoder (TINY) whose BatchNorm normalizes with its stored statistics (model.batchnorm=frozen).
+    args = [ROOT / "configs" / "cpu_smoke.toml", converted, out, *TINY, "model.batchnorm=frozen"]
     if nproc == 1:
         cmd = [sys.executable, script, *args]
     else:
@@ -97,19 +105,21 @@ def test_two_gloo_processes_match_one_process(converted, tmp_path, free_port):
     one = _first_step(converted, tmp_path / "one", 1)
     two = _first_step(converted, tmp_path / "two", 2, free_port)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
-    assert one["grads"].keys() == two["grads"].keys() and one["grads"]
+    assert one["grads"].keys() == two["grads"].keys()
+    assert "encoder.trunk.conv1.weight" in one["grads"] and "encoder.trunk.bn1.weight" in one["grads"]
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_gradient_accumulation_equals_one_big_batch(converted, tmp_path):
-    """2 micro-batches of 4 give the gradient of 1 batch of 8 (same records; full-image crops, frozen BN)."""
+    """2 micro-batches of 4 give the gradient of 1 batch of 8 (same records; full-image crops; a trainable
+    encoder with frozen BatchNorm statistics)."""
     from capfast.train.trainer import Trainer
 
     def first_step_grads(batch_size: int, accum: int) -> dict:
         cfg = load_config(ROOT / "configs" / "cpu_smoke.toml",
                           [*TINY, f"data.batch_size={batch_size}", f"optim.grad_accum={accum}",
-                           "data.crop_scale=[1.0, 1.0]", "encoder_trainable_from_epoch=-1"])
+                           "data.crop_scale=[1.0, 1.0]", "model.batchnorm=frozen"])
         trainer = Trainer(cfg, converted, tmp_path / f"run{accum}")
         trainer._set_encoder_trainable(0)
         epoch = trainer.train_loader.epoch(0)
@@ -169,11 +179,28 @@ def test_vocab_not_matching_the_beton(converted, tmp_path, capfast_cli):
     assert_clean_error(result, "different vocabulary")
 
 
-def test_resume_refuses_an_incompatible_checkpoint(converted, tmp_path, capfast_cli):
-    train(converted, tmp_path / "run", "epochs=1")
+def test_resume_refuses_changes_that_break_continuing_exactly(converted, tmp_path, capfast_cli):
+    train(converted, tmp_path / "run", "epochs=2", "max_steps=3")
     result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "run",
-                       "--resume", *TINY, "model.d_model=64")
-    assert_clean_error(result, "model config differs")
+                         "--resume", *TINY, "epochs=2", "model.d_model=64", "data.batch_size=16", "seed=7")
+    assert_clean_error(result, "model.d_model 32 -> 64", "data.batch_size 8 -> 16", "seed 0 -> 7")
+
+
+def test_resume_applies_and_records_safe_changes(converted, tmp_path, capfast_cli, tb_scalars):
+    from capfast.train.optim import lr_factor
+
+    run = tmp_path / "run"
+    train(converted, run, "epochs=2", "max_steps=3")
+    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted, "--out", run,
+                         "--resume", *TINY, "epochs=3", "max_steps=5", "optim.lr=1e-3")
+    assert result.code == 0, result.stderr
+    assert "changed settings: optim.lr 0.003 -> 0.001, epochs 2 -> 3, max_steps 3 -> 5" in result.stderr
+    history = json.loads((run / "config.json").read_text())["history"]
+    assert history == [{"step": 3, "changes": {"epochs": [2, 3], "max_steps": [3, 5], "optim.lr": [0.003, 0.001]}}]
+    lrs = tb_scalars(run)["train/lr"]
+    assert sorted(lrs) == [1, 2, 3, 4, 5]
+    # the new lr on the schedule of the new length (3 epochs of 4 steps), from the step where the run resumed
+    assert lrs[4] == pytest.approx(1e-3 * lr_factor(3, 12, 2, 0.01), rel=1e-6)
 
 
 def test_existing_run_needs_resume(converted, tmp_path, capfast_cli):

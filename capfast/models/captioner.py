@@ -1,13 +1,14 @@
 """Captioner = image encoder + caption decoder; its config; and the incremental-decoding state."""
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from capfast.errors import CapfastError
-from capfast.models.encoder import Encoder
+from capfast.options import build, option
+from capfast.models.encoder import BATCHNORM_MODES, ENCODER_CHANNELS, Encoder
 from capfast.models.lstm import LSTMDecoder
 from capfast.models.transformer import TransformerDecoder
 from capfast.vocab import Vocab
@@ -17,31 +18,33 @@ DECODERS = ("transformer", "lstm")
 
 @dataclass
 class ModelConfig:
-    """Saved in checkpoints as asdict(cfg) and rebuilt with ModelConfig(**d): keep every field JSON-serializable."""
+    """Saved in checkpoints as asdict(cfg) and rebuilt with ModelConfig.from_dict: keep every field JSON-serializable."""
 
-    encoder: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
-    encoder_weights: str | None = None  # None/"random": random init | "torchvision": download | state_dict path
-    decoder: str = "transformer"  # transformer | lstm
-    d_model: int = 512  # image feature size (both decoders) and transformer width
-    n_layers: int = 3
-    n_heads: int = 8
-    ffn_mult: int = 4
-    dropout: float = 0.1
-    tie_weights: bool = True
-    max_positions: int = 64
-    lstm_hidden: int = 512
-    attn_dim: int = 512
-    embed_dim: int = 512
-    pad_id: int = Vocab.pad_id
-    bos_id: int = Vocab.bos_id
-    eos_id: int = Vocab.eos_id
+    encoder: str = option("resnet50", choices=tuple(ENCODER_CHANNELS))
+    # None/"random": random init | "torchvision": download | a state_dict path
+    encoder_weights: str | None = option(None)
+    # BatchNorm of a trainable encoder. "frozen": eval mode, the running statistics in the weights normalize
+    # (the affine scale/shift still train), so N ranks x B/N, accumulation and 1 x B train alike.
+    # "batch": each rank's micro-batch statistics (plain BatchNorm; ranks and accumulation no longer match).
+    batchnorm: str = option("frozen", choices=BATCHNORM_MODES)
+    decoder: str = option("transformer", choices=DECODERS)
+    d_model: int = option(512, min=1)  # image feature size (both decoders) and transformer width
+    n_layers: int = option(3, min=1)
+    n_heads: int = option(8, min=1)  # must divide d_model
+    ffn_mult: int = option(4, min=1)
+    dropout: float = option(0.1, min=0, below=1)
+    tie_weights: bool = option(True)
+    max_positions: int = option(64, min=2)
+    lstm_hidden: int = option(512, min=1)
+    attn_dim: int = option(512, min=1)
+    embed_dim: int = option(512, min=1)
+    pad_id: int = option(Vocab.pad_id, min=0)
+    bos_id: int = option(Vocab.bos_id, min=0)
+    eos_id: int = option(Vocab.eos_id, min=0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise CapfastError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return build(cls, d, prefix="model.")
 
 
 @dataclass
@@ -116,5 +119,6 @@ def build_captioner(cfg: ModelConfig, vocab_size: int, *, load_encoder_weights: 
     """A fresh captioner. load_encoder_weights=False skips cfg.encoder_weights (random trunk): use it when a
     checkpoint's state_dict is loaded next, so captioning needs neither the weights file nor a download."""
     decoder = build_decoder(cfg, vocab_size)
-    encoder = Encoder(cfg.encoder, cfg.d_model, cfg.encoder_weights if load_encoder_weights else None)
+    encoder = Encoder(cfg.encoder, cfg.d_model, cfg.encoder_weights if load_encoder_weights else None,
+                      batchnorm=cfg.batchnorm)
     return Captioner(cfg, encoder, decoder, vocab_size)

@@ -10,6 +10,7 @@ from torch import nn
 from capfast.errors import CapfastError
 
 ENCODER_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+BATCHNORM_MODES = ("frozen", "batch")
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -26,15 +27,16 @@ def load_state_dict_file(path) -> dict:
     return state
 
 
-def torchvision_resnet(name: str, weights) -> nn.Module:
-    """`weights`: None (random init), "torchvision" (download torchvision's pretrained ones) or a state_dict path."""
+def torchvision_resnet(name: str, weights, zero_init_residual: bool = False) -> nn.Module:
+    """`weights`: None (random init), "torchvision" (download torchvision's pretrained ones) or a state_dict path.
+    zero_init_residual: each residual block's last BatchNorm scale starts at 0, so blocks start as identities."""
     if weights == "torchvision":
         try:
             return torchvision.models.get_model(name, weights="DEFAULT")
         except Exception as e:  # network and cache errors come in many kinds
             reason = str(e).splitlines()[0] if str(e) else e.__class__.__name__
             raise CapfastError(f"cannot get torchvision's pretrained {name} weights: {reason}") from None
-    return torchvision.models.get_model(name, weights=None)
+    return torchvision.models.get_model(name, weights=None, zero_init_residual=zero_init_residual)
 
 
 def describe_mismatch(expected: dict, given: dict) -> str:
@@ -58,13 +60,18 @@ def load_trunk_weights(trunk: nn.Module, path, name: str) -> None:
 class Encoder(nn.Module):
     """images [B, 3, H, W] (normalized, any memory format) -> memory [B, S = H/32 * W/32, d_model]."""
 
-    def __init__(self, name: str, d_model: int, weights=None):
+    def __init__(self, name: str, d_model: int, weights=None, batchnorm: str = "frozen"):
         super().__init__()
         if name not in ENCODER_CHANNELS:
             raise CapfastError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODER_CHANNELS)}")
+        if batchnorm not in BATCHNORM_MODES:
+            raise CapfastError(f"unknown batchnorm mode {batchnorm!r}; choose one of {', '.join(BATCHNORM_MODES)}")
+        self.batchnorm = batchnorm
         if weights in ("", "random"):  # TOML has no null: a recipe says "random" to override a default
             weights = None
-        resnet = torchvision_resnet(name, weights)
+        # Frozen BatchNorm of a random trunk never normalizes (its statistics are the init's 0 and 1): starting
+        # every residual block as an identity keeps activations in scale without it (as Fixup/SkipInit do).
+        resnet = torchvision_resnet(name, weights, zero_init_residual=batchnorm == "frozen" and weights is None)
         # An OrderedDict keeps torchvision's parameter names, so its state_dict files load as they are.
         self.trunk = nn.Sequential(OrderedDict((layer, getattr(resnet, layer)) for layer in TRUNK_LAYERS))
         if weights not in (None, "torchvision"):
@@ -74,7 +81,8 @@ class Encoder(nn.Module):
         self.trainable = True
 
     def set_trainable(self, flag: bool) -> None:
-        """Frozen = trunk parameters get no gradients and its BatchNorm statistics stay fixed (eval mode)."""
+        """Frozen = trunk parameters get no gradients and its BatchNorm statistics stay fixed (eval mode).
+        Trainable: parameters train; BatchNorm normalizes with batch statistics only in "batch" mode."""
         self.trainable = bool(flag)
         for p in self.trunk.parameters():
             p.requires_grad_(self.trainable)
@@ -84,6 +92,10 @@ class Encoder(nn.Module):
         super().train(mode)
         if not self.trainable:
             self.trunk.eval()
+        elif self.batchnorm == "frozen":
+            for module in self.trunk.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()  # normalize with the stored running statistics; they are never updated
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,11 @@ from capfast.io import atomic_write_text
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="Directory written by `capfast convert` (train.beton, vocab.json, ...).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Run directory: checkpoints (last.pt, best.pt), TensorBoard logs (tb/), config.json.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt exactly where it stopped.")
+              help="Run directory: checkpoints (last.pt, best.pt), TensorBoard logs (tb/), config.json (the "
+                   "config in use, with the settings each --resume changed under \"history\").")
+@click.option("--resume", is_flag=True,
+              help="Continue from OUT/last.pt exactly where it stopped. Overrides that would change the data "
+                   "order, batches, crops or model are refused; others (epochs, lr, eval, logging) apply.")
 @click.option("--nproc", type=int, default=0,
               help="Launch this many DDP processes on this machine (same as torchrun --nproc_per_node).")
 @click.argument("overrides", nargs=-1)
@@ -43,13 +46,18 @@ def command(config_path, data_dir, out_dir, resume, nproc, overrides):
         raise CapfastError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
 
     from capfast.train import distributed
+    from capfast.train.resume import describe
     from capfast.train.trainer import Trainer
 
     try:
         trainer = Trainer(cfg, data_dir, out_dir, resume=resume)
         if trainer.dist.is_main:
+            if trainer.config_changes:
+                click.echo(f"capfast: note: resuming at step {trainer.step} with changed settings: "
+                           f"{describe(trainer.config_changes)}", err=True)
             out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+            run_config = {**to_dict(cfg), "history": trainer.config_history}
+            atomic_write_text(out_dir / "config.json", json.dumps(run_config, indent=2))
         summary = trainer.train()
         if trainer.dist.is_main:
             click.echo(f"done: {summary['step']} steps, {summary['epoch']} epochs; checkpoints in {out_dir}")

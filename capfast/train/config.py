@@ -2,47 +2,55 @@
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capfast.data.order import ORDERS
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig
+from capfast.options import ascending, build, option
+from capfast.train.precision import DEVICES, DTYPES
+
+
+def split_name(name: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else "a split name (letters, digits, _ - .)"
 
 
 @dataclass
 class DataConfig:
-    train_split: str = "train"
-    val_split: str = "val"
-    image_size: int = 224
-    batch_size: int = 64          # global: split evenly over DDP ranks
-    workers: int = 0              # decode threads per rank; 0 = all cores / ranks
-    order: str = "random"         # random | quasi_random (datasets larger than RAM)
-    os_cache: bool = True
-    crop_scale: tuple = (0.35, 1.0)
-    color_jitter: float = 0.0
+    train_split: str = option("train", check=split_name)
+    val_split: str = option("val", check=split_name)
+    image_size: int = option(224, min=16, max=4096)
+    batch_size: int = option(64, min=1)          # global: split evenly over DDP ranks
+    workers: int = option(0, min=0)              # decode threads per rank; 0 = all cores / ranks
+    order: str = option("random", choices=ORDERS)  # random | quasi_random (larger than RAM) | sequential
+    os_cache: bool = option(True)
+    crop_scale: tuple[float, float] = option((0.35, 1.0), above=0, max=1, check=ascending)  # crop area / image
+    color_jitter: float = option(0.0, min=0, below=1)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    encoder_lr: float = 1e-4      # used once the encoder is trainable
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.98)
-    warmup_steps: int = 500
-    min_lr_ratio: float = 0.01    # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0        # 0 disables
-    label_smoothing: float = 0.1
-    grad_accum: int = 1
+    lr: float = option(3e-4, above=0)
+    encoder_lr: float = option(1e-4, min=0)      # used once the encoder is trainable
+    weight_decay: float = option(0.01, min=0)
+    betas: tuple[float, float] = option((0.9, 0.98), min=0, below=1)
+    warmup_steps: int = option(500, min=0)
+    min_lr_ratio: float = option(0.01, min=0, max=1)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = option(1.0, min=0)        # 0 disables
+    label_smoothing: float = option(0.1, min=0, below=1)
+    grad_accum: int = option(1, min=1)           # micro-batches per optimizer step
 
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 1         # 0 disables validation during training
-    beam_size: int = 3
-    max_len: int = 20
-    max_images: int = 0           # 0 = the whole validation split
-    log_images: int = 4           # images with generated captions shown in TensorBoard
+    every_epochs: int = option(1, min=0)         # 0 disables validation during training
+    beam_size: int = option(3, min=1)
+    max_len: int = option(20, min=1)
+    max_images: int = option(0, min=0)           # over all ranks; 0 = the whole validation split
+    log_images: int = option(4, min=0)           # images with generated captions shown in TensorBoard
 
 
 @dataclass
@@ -51,16 +59,16 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    epochs: int = 10
-    max_steps: int = 0            # stop after this many optimizer steps (0 = run all epochs)
-    encoder_trainable_from_epoch: int = -1   # -1 keeps the encoder frozen; 0 fine-tunes from the start
-    precision: str = "bf16"       # bf16 | fp16 | fp32
-    channels_last: bool = True
-    compile: bool = False
-    device: str = "auto"          # auto | cpu | cuda
-    seed: int = 0
-    checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at every epoch end
-    log_every: int = 1
+    epochs: int = option(10, min=1)
+    max_steps: int = option(0, min=0)            # stop after this many optimizer steps (0 = run all epochs)
+    encoder_trainable_from_epoch: int = option(-1, min=-1)  # -1 keeps the encoder frozen; 0 fine-tunes from the start
+    precision: str = option("bf16", choices=tuple(DTYPES))  # bf16 | fp16 | fp32
+    channels_last: bool = option(True)
+    compile: bool = option(False)
+    device: str = option("auto", choices=DEVICES)  # auto | cpu | cuda
+    seed: int = option(0, min=0)
+    checkpoint_every: int = option(1000, min=0)  # optimizer steps; 0 = only at epoch ends (always written there)
+    log_every: int = option(1, min=1)            # TensorBoard scalars every this many steps
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
@@ -117,37 +125,10 @@ def _build(values: dict) -> TrainConfig:
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise CapfastError(f"config key {key!r} must be a section, e.g. [{key}]")
-            top[key] = _make(SECTIONS[key], value, prefix=f"{key}.")
+            top[key] = build(SECTIONS[key], value, prefix=f"{key}.", unknown_key=_unknown_key_message)
         else:
             top[key] = value
-    return _make(TrainConfig, top, prefix="")
-
-
-def _make(cls, values: dict, prefix: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in values.items():
-        if name not in fields:
-            raise CapfastError(_unknown_key_message(prefix + name))
-        kwargs[name] = _coerce(prefix + name, fields[name], value)
-    return cls(**kwargs)
-
-
-def _coerce(key: str, f: dataclasses.Field, value):
-    default = f.default if f.default is not dataclasses.MISSING else None
-    if dataclasses.is_dataclass(value):
-        return value
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise CapfastError(f"{key} must be true or false, got {value!r}")
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)) or len(value) != len(default):
-            raise CapfastError(f"{key} must be a list of {len(default)} numbers, got {value!r}")
-        return tuple(float(v) for v in value)
-    if default is not None and not isinstance(value, type(default)):
-        raise CapfastError(f"{key} must be {type(default).__name__}, got {value!r}")
-    return value
+    return build(TrainConfig, top, unknown_key=_unknown_key_message)
 
 
 def _unknown_key_message(key: str) -> str:

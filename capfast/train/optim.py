@@ -3,26 +3,48 @@
 import math
 
 import torch
+from torch import nn
 
 from capfast.train.config import OptimConfig
 
+# Modules whose parameters are never decayed: decay would pull embeddings and normalization scales toward 0.
+NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:
-    """Encoder parameters get `encoder_lr`; norms, biases and embeddings get no weight decay."""
+    """Encoder parameters get `encoder_lr`; biases and the parameters of embeddings and norms get no weight decay."""
+    no_decay_ids = no_decay_parameter_ids(model)
     groups = {}
     for name, param in model.named_parameters():
-        is_encoder = name.startswith("encoder.")
-        no_decay = param.ndim < 2 or "embed" in name or "norm" in name
-        key = (is_encoder, no_decay)
+        key = (name.startswith("encoder."), id(param) in no_decay_ids)
         groups.setdefault(key, []).append(param)
-    param_groups = []
-    for (is_encoder, no_decay), params in sorted(groups.items()):
-        lr = cfg.encoder_lr if is_encoder else cfg.lr
-        param_groups.append({"params": params, "lr": lr, "base_lr": lr,
-                             "weight_decay": 0.0 if no_decay else cfg.weight_decay})
-    # The decoder's group comes first so that param_groups[0]["lr"] is the headline learning rate.
-    param_groups.sort(key=lambda g: g["base_lr"] != cfg.lr)
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    param_groups = [{"params": params, "encoder": is_encoder, "decay": not no_decay,
+                     "lr": cfg.encoder_lr if is_encoder else cfg.lr}
+                    for (is_encoder, no_decay), params in sorted(groups.items())]
+    # The decoder's groups come first so that param_groups[0]["lr"] is the headline learning rate.
+    param_groups.sort(key=lambda g: g["encoder"])
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    apply_settings(optimizer, cfg)
+    return optimizer
+
+
+def no_decay_parameter_ids(model: nn.Module) -> set[int]:
+    """Biases and other vectors, and every parameter of an embedding or norm module (tied ones included:
+    a head tied to the token embedding is that embedding)."""
+    ids = {id(p) for p in model.parameters() if p.ndim < 2}
+    for module in model.modules():
+        if isinstance(module, NO_DECAY_MODULES):
+            ids.update(id(p) for p in module.parameters(recurse=False))
+    return ids
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Sets each group's base lr, weight decay and betas from `cfg`: at build time, and after a resumed run
+    loaded the checkpoint's optimizer state (which carries the old values) so that changed values apply."""
+    for group in optimizer.param_groups:
+        group["base_lr"] = cfg.encoder_lr if group["encoder"] else cfg.lr
+        group["weight_decay"] = cfg.weight_decay if group["decay"] else 0.0
+        group["betas"] = tuple(cfg.betas)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

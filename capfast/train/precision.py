@@ -7,13 +7,14 @@ import torch
 from capfast.errors import CapfastError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise CapfastError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name not in DEVICES:
+        raise CapfastError(f"device must be {', '.join(DEVICES)}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise CapfastError("device=cuda was asked for but no CUDA GPU is available (use device=auto or cpu)")
     return torch.device(name)

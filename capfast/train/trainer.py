@@ -21,11 +21,11 @@ from capfast import checkpoint, schema
 from capfast.data import build_loader
 from capfast.errors import CapfastError
 from capfast.models import build_captioner
-from capfast.train import distributed
+from capfast.train import distributed, resume
 from capfast.train.config import TrainConfig, to_dict
 from capfast.train.data_check import check_data_dir
 from capfast.train.monitor import Monitor
-from capfast.train.optim import build_optimizer, lr_factor, set_lr
+from capfast.train.optim import apply_settings, build_optimizer, lr_factor, set_lr
 from capfast.train.precision import autocast_context, resolve_device, resolve_precision
 
 
@@ -47,6 +47,8 @@ class Trainer:
                                f"{self.dist.world_size} processes")
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_cider = -math.inf
+        self.config_changes = {}   # on resume: {key: (checkpoint's value, this run's value)}, all applied
+        self.config_history = []   # every resume's changes: [{"step", "changes"}], kept in the checkpoints
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_captioner(cfg.model, vocab_size=len(self.vocab),
@@ -216,7 +218,8 @@ class Trainer:
         refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
         report = evaluate_model(self.model, loader, self.vocab, refs, beam_size=self.cfg.eval.beam_size,
                                 max_len=self.cfg.eval.max_len, max_images=self.cfg.eval.max_images,
-                                amp_dtype=self.amp_dtype, meteor=False)  # METEOR's JVM costs ~10 s a call
+                                amp_dtype=self.amp_dtype, meteor=False,  # METEOR's JVM costs ~10 s a call
+                                attributes_file=schema.attributes_path(self.data_dir, self.cfg.data.val_split))
         self.model.train()
         self.model.set_encoder_trainable(bool(self.encoder_trainable))
         if not self.dist.is_main:
@@ -248,23 +251,39 @@ class Trainer:
             "best_cider": self.best_cider,
             "world_size": self.dist.world_size,
             "rng": _rng_state(),
+            "config_history": self.config_history,
         }, self.out_dir / name)
 
     def _restore(self, path: Path) -> None:
         state = checkpoint.load(path)
         if state["vocab"] != list(self.vocab.words):
             raise CapfastError(f"cannot resume from {path}: it was trained with a different vocabulary")
-        if state["model_config"] != to_dict(self.cfg)["model"]:
-            raise CapfastError(f"cannot resume from {path}: its model config differs from this run's")
-        if state.get("world_size", 1) != self.dist.world_size and state["batch_in_epoch"]:
-            raise CapfastError(f"cannot resume mid-epoch from {path} with a different number of processes")
+        changes = resume.config_changes(state["train_config"], to_dict(self.cfg))
+        resume.check_resumable(path, changes, state.get("world_size", 1), self.dist.world_size,
+                               mid_epoch=state["batch_in_epoch"] > 0)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_optimizer(path, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_cider = state["best_cider"]
+        self.config_changes = changes
+        self.config_history = state.get("config_history", [])
+        if changes:
+            self.config_history.append({"step": self.step, "changes": {k: list(v) for k, v in changes.items()}})
         if self.dist.is_main or state.get("world_size", 1) == 1:
             _set_rng_state(state["rng"])
+
+    def _restore_optimizer(self, path: Path, saved: dict) -> None:
+        """The checkpoint's moments and step counts, with this run's lr, weight decay and betas."""
+        flags = [(group["encoder"], group["decay"]) for group in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(saved)
+        except ValueError:
+            raise CapfastError(f"cannot resume from {path}: its optimizer state does not fit this model's "
+                               "parameter groups (written by another capfast version?)") from None
+        for group, (encoder, decay) in zip(self.optimizer.param_groups, flags):
+            group["encoder"], group["decay"] = encoder, decay
+        apply_settings(self.optimizer, self.cfg.optim)
 
 
 def _rng_state() -> dict:

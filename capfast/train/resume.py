@@ -1,0 +1,64 @@
+"""What `capfast train --resume` may change in the config.
+
+A resumed run continues exactly where the checkpoint stopped: the same records in the same order, the same crops,
+the same model. Keys that would change what the checkpoint's position (epoch, batch in epoch) or weights mean are
+refused. Every other key is applied, and the change is recorded (checkpoint, config.json) and printed:
+
+  refused  model.* (architecture, BatchNorm mode), data.train_split, data.image_size, data.batch_size, data.order,
+           data.crop_scale, data.color_jitter, seed, optim.grad_accum, precision, encoder_trainable_from_epoch,
+           and the number of processes when resuming mid-epoch
+  applied  epochs and max_steps (the cosine schedule is stretched from the current step on), optimizer settings
+           (lr, encoder_lr, weight_decay, betas, warmup, clipping, label smoothing: set on the restored optimizer),
+           eval.*, data.val_split, data.workers, data.os_cache, logging, checkpoint_every, compile, channels_last,
+           device
+"""
+
+from capfast.errors import CapfastError
+
+FIXED_PREFIXES = ("model.",)
+FIXED_KEYS = ("data.train_split", "data.image_size", "data.batch_size", "data.order", "data.crop_scale",
+              "data.color_jitter", "seed", "optim.grad_accum", "precision", "encoder_trainable_from_epoch")
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"data": {"batch_size": 8}} -> {"data.batch_size": 8}; tuples become lists, as in the JSON of a run."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """{key: (old value, new value)} for the keys whose value differs. Keys the old config lacks (added to
+    capfast after it was written) keep their defaults and are not reported."""
+    old, new = flatten(old), flatten(new)
+    return {key: (old[key], new[key]) for key in new if key in old and old[key] != new[key]}
+
+
+def is_fixed(key: str) -> bool:
+    return key in FIXED_KEYS or key.startswith(FIXED_PREFIXES)
+
+
+def check_resumable(path, changes: dict, old_world: int, new_world: int, mid_epoch: bool) -> None:
+    """CapfastError naming every refused change with both values; returns when all changes may apply."""
+    refused = [f"{key} {show(a)} -> {show(b)}" for key, (a, b) in changes.items() if is_fixed(key)]
+    if mid_epoch and old_world != new_world:
+        refused.append(f"processes {old_world} -> {new_world} (mid-epoch)")
+    if refused:
+        raise CapfastError(f"cannot resume from {path}: {', '.join(refused)} would not continue the run exactly "
+                           f"(keep the checkpoint's values, or start a new run with --out)")
+
+
+def describe(changes: dict) -> str:
+    return ", ".join(f"{key} {show(a)} -> {show(b)}" for key, (a, b) in changes.items())
+
+
+def show(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
