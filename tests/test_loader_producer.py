@@ -162,20 +162,19 @@ def consume(loader_, work_s: float, epochs=(2, 3, 4, 5)) -> float:
 
 
 def test_the_consumer_s_work_overlaps_the_loader_s(producer_loader, sync_loader):
-    """n batches with T of consumer work each take about max(n T, loader time), not their sum: measured against
-    the synchronous loader, alternating, the median of three rounds (2 busy cores are noisy)."""
+    """n batches with T of consumer work each take about max(n T, loader time), not their sum (about 0.6 of the
+    sum here; the synchronous path, which ffcv's reader thread already overlaps a little, takes 0.8-0.95 of it).
+    The loader time is measured alternately with the overlapped run: medians of five rounds (2 busy cores)."""
     batches = 4 * 8
-    work_s = consume(sync_loader, 0.0) / batches  # consumer work as long as the loader's
-    rounds = {"loader": [], "serial": [], "overlapped": []}
-    for _ in range(3):
-        rounds["loader"].append(consume(sync_loader, 0.0))
-        rounds["serial"].append(consume(sync_loader, work_s))
-        rounds["overlapped"].append(consume(producer_loader, work_s))
-    loader_s, serial, overlapped = (statistics.median(rounds[k]) for k in ("loader", "serial", "overlapped"))
+    work_s = consume(sync_loader, 0.0) / batches  # consumer work as long as the loader's: the most to gain
+    loader_runs, overlapped_runs = [], []
+    for _ in range(5):
+        loader_runs.append(consume(sync_loader, 0.0))
+        overlapped_runs.append(consume(producer_loader, work_s))
+    loader_s, overlapped = statistics.median(loader_runs), statistics.median(overlapped_runs)
     summed = batches * work_s + loader_s
-    report = f"loader {loader_s:.3f} s, work {batches * work_s:.3f} s, serial {serial:.3f} s, " \
-             f"overlapped {overlapped:.3f} s"
-    assert overlapped < 0.8 * min(serial, summed), report
+    report = f"loader {loader_s:.3f} s + work {batches * work_s:.3f} s = {summed:.3f} s; overlapped {overlapped:.3f} s"
+    assert overlapped < 0.75 * summed, report
     assert overlapped > 0.95 * batches * work_s, report
 
 

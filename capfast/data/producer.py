@@ -125,7 +125,8 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
 
 class EpochBatches:
     """The batches of one epoch, as CaptionLoader.epoch returns them: an iterator with close() (also called by
-    `with`, and on garbage collection) and `ready_batches`, the number of batches prepared and waiting.
+    `with`; garbage collection closes the Producer or generator inside) and `ready_batches`, the number of
+    batches prepared and waiting.
 
     `items` yields (batch, ready) pairs, from a Producer or computed in the consumer's thread; `hand_over(batch,
     ready)` runs in the consumer's thread for each and returns what the consumer gets.
@@ -155,10 +156,6 @@ class EpochBatches:
 
     def __exit__(self, *exc_info):
         self.close()
-
-    def __del__(self):
-        with contextlib.suppress(Exception):
-            self.close()
 
 
 class _End:
