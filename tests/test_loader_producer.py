@@ -223,3 +223,17 @@ def test_taking_a_cuda_batch_never_syncs_the_host(train_beton):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert len(taken) == 6 and all(b.images.is_cuda and b.captions.is_cuda for b in taken)
+
+
+@pytest.mark.gpu
+def test_bench_loader_on_cuda_times_the_decode_ceiling(train_beton):
+    from click.testing import CliRunner
+
+    from capfast.bench.loader import command
+
+    result = CliRunner().invoke(command, ["--data", str(train_beton), "--device", "cuda", "--batch-size", "8",
+                                          "--batches", "4", "--workers", "1", "--image-size", str(SIZE)])
+    assert result.exit_code == 0, result.output
+    values = dict(pair.split("=") for pair in result.output.strip().splitlines()[-1].split())
+    assert float(values["ceiling_img_s"]) > 0 and float(values["ceiling_fraction"]) > 0
+    assert float(values["mean_jpeg_kb"]) > 0
