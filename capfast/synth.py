@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -100,14 +99,25 @@ def textured(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def noise(rng: np.random.Generator, height: int, width: int, cell: int, channels: int = 1) -> np.ndarray:
     """float32 [h, w] (or [h, w, channels]) value noise in [-1, 1]: uniform values on a grid of `cell` px,
-    bilinearly interpolated; cell 1 is per-pixel grain."""
+    bilinearly interpolated; cell 1 is per-pixel grain. numpy only: OpenCV's thread pool, once started in this
+    process, deadlocks the forked workers of `capfast convert` when they resize."""
+    shape = (height, width) if channels == 1 else (height, width, channels)
     if cell == 1:
-        grain = rng.integers(0, 256, (height, width, channels), dtype=np.uint8).astype(np.float32) * (2 / 255) - 1
-        return grain[..., 0] if channels == 1 else grain
-    rows, cols = height // cell + 2, width // cell + 2
-    grid = rng.random((rows, cols, channels), dtype=np.float32) * 2 - 1
-    smooth = cv2.resize(grid, (cols * cell, rows * cell), interpolation=cv2.INTER_LINEAR)  # 1 channel: [h, w]
-    return smooth[:height, :width]
+        return rng.integers(0, 256, shape, dtype=np.uint8).astype(np.float32) * (2 / 255) - 1
+    grid = rng.random((height // cell + 2, width // cell + 2) + shape[2:], dtype=np.float32) * 2 - 1
+    x0, fx = _cells(width, cell)
+    y0, fy = _cells(height, cell)
+    if channels > 1:
+        fx, fy = fx[:, None], fy[:, None]
+    rows = grid[:, x0] * (1 - fx) + grid[:, x0 + 1] * fx  # [grid rows, width]
+    return rows[y0] * (1 - fy)[:, None] + rows[y0 + 1] * fy[:, None]
+
+
+def _cells(size: int, cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each pixel: the grid point before it and its fractional distance from it."""
+    position = np.arange(size, dtype=np.float32) / cell
+    first = position.astype(np.int64)
+    return first, position - first
 
 
 def background_pixels(scene: Scene) -> np.ndarray:
