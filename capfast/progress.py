@@ -33,8 +33,10 @@ class Progress:
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
+            # a one-item list keeps tqdm from prefixing the status with ", " (it does so to strings)
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stdout, dynamic_ncols=True,
-                            bar_format="{desc}  {unit} {n_fmt}/{total_fmt} |{bar}| {postfix}", leave=False)
+                            bar_format="{desc}  {unit} {n_fmt}/{total_fmt} |{bar}| {postfix[0]}", postfix=[""],
+                            leave=False)
 
     def update(self, n: int, status: str, desc: str | None = None) -> None:
         if not self.enabled:
@@ -42,7 +44,7 @@ class Progress:
         self.desc = desc or self.desc
         if self.bar is not None:
             self.bar.set_description_str(self.desc, refresh=False)
-            self.bar.set_postfix_str(status, refresh=False)
+            self.bar.postfix = [status]
             self.bar.update(n - self.bar.n)
             return
         now = time.monotonic()

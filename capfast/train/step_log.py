@@ -89,9 +89,10 @@ class StepLog:
         return records
 
     def _read(self, entry: _Pending) -> dict:
-        self._wait(entry.end)
+        if not entry.end.done():
+            self._wait(entry.end)
         values = dict(zip(entry.names, entry.copied.tolist()))
         return {**entry.host, **values, "step_time": entry.end.seconds_since(entry.start)}
 
     def _wait(self, mark) -> None:
-        mark.wait()  # no-op when done(): the one place the loop may block on the GPU
+        mark.wait()  # the one place the train loop blocks on the GPU
