@@ -111,10 +111,25 @@ def resized(pixels: np.ndarray, target: tuple[int, int]) -> np.ndarray:
     height, width = pixels.shape[:2]
     shrunk = (min(width, target[0]), min(height, target[1]))
     if shrunk != (width, height):
-        pixels = cv2.resize(pixels, shrunk, interpolation=cv2.INTER_AREA)
+        pixels = shrink(pixels, shrunk)
     if shrunk != target:
         pixels = cv2.resize(pixels, target, interpolation=cv2.INTER_CUBIC)
     return np.ascontiguousarray(pixels)
+
+
+def shrink(pixels: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+    """Area averaging, at about half the cost of OpenCV's INTER_AREA for non-integer factors (its slow path)
+    and within a fraction of a level of it on photos: bilinear to twice the target (halving first while a side
+    is >= 4x its target), then OpenCV's fast exact 2x2 average."""
+    twice = (2 * target[0], 2 * target[1])
+    height, width = pixels.shape[:2]
+    while width >= 2 * twice[0] or height >= 2 * twice[1]:
+        width = width // 2 if width >= 2 * twice[0] else width
+        height = height // 2 if height >= 2 * twice[1] else height
+        pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR)  # even side: exact 1:2 mean
+    if (width, height) != twice:
+        pixels = cv2.resize(pixels, twice, interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
 
 
 # ---- reading and decoding with PIL -------------------------------------------------------------------------
