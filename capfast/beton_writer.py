@@ -22,6 +22,7 @@ import numpy as np
 from capfast.errors import CapfastError
 
 MIN_PAGE_SIZE = 1 << 21  # ffcv.writer.MIN_PAGE_SIZE: ffcv refuses smaller pages
+JPG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"], a numba dict whose first lookup compiles for seconds
 LARGE_DATASET_PAGE_SIZE = 1 << 23  # ffcv's default page size, for datasets of LARGE_DATASET records or more
 LARGE_DATASET = 2000
 
@@ -34,7 +35,6 @@ class PageFull(Exception):
 def jpeg_field_class():
     """JpegField, built on first use so that importing this module does not import ffcv (seconds of numba)."""
     from ffcv.fields import RGBImageField
-    from ffcv.fields.rgb_image import IMAGE_MODES
 
     class JpegField(RGBImageField):
         """RGBImageField in jpg mode whose values are (jpeg bytes, height, width): stored as they are."""
@@ -44,7 +44,7 @@ def jpeg_field_class():
 
         def encode(self, destination, value, malloc):
             jpeg, height, width = value
-            destination["mode"] = IMAGE_MODES["jpg"]
+            destination["mode"] = JPG_MODE
             destination["height"], destination["width"] = height, width
             destination["data_ptr"], storage = malloc(len(jpeg))
             storage[:] = np.frombuffer(jpeg, dtype=np.uint8)

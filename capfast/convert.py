@@ -25,7 +25,7 @@ from capfast.converters import Item, Problem, Source, read_coco, read_folder, re
 from capfast.errors import CapfastError
 from capfast.io import atomic_file, atomic_write_text
 from capfast.pool import ordered_map
-from capfast.records import Record, RecordSettings, count_words, encode_item, init_worker
+from capfast.records import Record, RecordSettings, count_words, encode_item, init_worker, warm_up
 from capfast.vocab import Vocab
 
 TRAIN = "train"
@@ -65,6 +65,7 @@ def convert(out, split: str | None = None, *, annotations=None, images=None, kar
     settings.check()
     workers = workers or default_workers()
     source = read_source(split, annotations, images, karpathy, folder, captions)
+    warm_up()  # before any worker process is forked
     out = Path(out)
     for name in source.items:
         if schema.beton_path(out, name).exists() and not overwrite:

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
@@ -29,11 +30,16 @@ def ordered_map(fn, items, workers: int, initializer=None, initargs=(), chunk_si
     """Yields fn(item) for each of the `items` (a list) in order, computed by `workers` processes (in this
     process when 1); `initializer(*initargs)` runs first in each of them. fn and initializer must be
     module-level functions (they are pickled by name)."""
-    if workers <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        yield from map(fn, items)
-        return
+    with opencv_single_threaded():
+        if workers <= 1:
+            if initializer is not None:
+                initializer(*initargs)
+            yield from map(fn, items)
+        else:
+            yield from pooled_map(fn, items, workers, initializer, initargs, chunk_size)
+
+
+def pooled_map(fn, items, workers: int, initializer, initargs, chunk_size: int | None):
     chunk_size = chunk_size or max(1, min(MAX_CHUNK, len(items) // (workers * CHUNKS_AHEAD_PER_WORKER)))
     pool = ProcessPoolExecutor(workers, mp_context=start_context(), initializer=_init_worker,
                                initargs=(os.getpid(), initializer, initargs))
@@ -47,6 +53,18 @@ def ordered_map(fn, items, workers: int, initializer=None, initargs=(), chunk_si
             yield from result(pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def opencv_single_threaded():
+    """No OpenCV thread pool while workers are forked (nor in a 1-worker run): a forked child inherits the
+    pool's bookkeeping without its threads and hangs at its next OpenCV call (seen with OpenCV 5)."""
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # stops the pool's threads
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
 
 
 def start_context():

@@ -43,6 +43,12 @@ class Record:
 _worker = {}
 
 
+def warm_up() -> None:
+    """Compiles the tokenizer's rules (a second or more) in this process, so that the workers it forks
+    inherit them instead of each compiling its own."""
+    tokenize("A warm-up, with punctuation.")
+
+
 def init_worker(settings: RecordSettings, vocab: Vocab) -> None:
     _worker["settings"], _worker["vocab"] = settings, vocab
 
