@@ -29,6 +29,7 @@ def _load_converters_from_source_checkout() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    globals()["converters"] = module  # what the import system does for a submodule it loads itself
 
 
 _load_converters_from_source_checkout()

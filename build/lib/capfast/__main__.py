@@ -1,0 +1,3 @@
+from capfast.cli import main
+
+main()

@@ -1,0 +1,205 @@
+"""`capfast inspect FILE.beton`: what a beton written by `capfast convert` holds.
+
+Reusable API:
+  check_beton(path) -> ffcv.reader.Reader   raises CapfastError unless `path` is a capfast beton
+  describe_beton(path) -> dict              records, fields, vocab size, caption/image statistics, examples
+  BetonContents(path)                       random access to raw records without ffcv's Loader (no JIT)
+"""
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from capfast import schema
+from capfast.errors import CapfastError
+from capfast.vocab import Vocab
+
+EXPECTED_TYPES = {schema.IMAGE: "RGBImageField", schema.CAPTIONS: "NDArrayField",
+                  schema.NCAPTIONS: "IntField", schema.IMAGE_ID: "IntField"}
+INCOMPATIBLE = "written by an incompatible capfast convert version"
+STATS_CHUNK = 4096
+
+
+def check_beton(path):
+    """The parsed ffcv Reader of `path` if it is a beton as capfast/schema.py defines; CapfastError otherwise:
+    "beton not found", "not a beton", "missing field X", "written by an incompatible ... version"."""
+    from ffcv.reader import Reader
+
+    path = Path(path)
+    if not path.is_file():
+        raise CapfastError(f"beton not found: {path}")
+    check_header(path)
+    try:
+        reader = Reader(str(path))
+    except Exception as e:  # ffcv raises assorted errors (KeyError, ValueError, numpy errors) on foreign files
+        raise CapfastError(f"{path} is not a beton ({e.__class__.__name__}: {e})") from None
+    check_fields(path, reader)
+    check_meta(path)
+    return reader
+
+
+def check_header(path: Path) -> None:
+    from ffcv.types import CURRENT_VERSION, HeaderType
+
+    size = path.stat().st_size
+    if size < HeaderType.itemsize:
+        raise CapfastError(f"{path} is not a beton (file too small)")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    page_size, fields = int(header["page_size"]), int(header["num_fields"])
+    plausible = (page_size > 0 and page_size & (page_size - 1) == 0 and 0 < fields < 256
+                 and int(header["alloc_table_ptr"]) <= size)
+    if not plausible:
+        raise CapfastError(f"{path} is not a beton (bad header)")
+    if int(header["version"]) != CURRENT_VERSION:
+        raise CapfastError(f"{path} was written by an incompatible ffcv version "
+                           f"(file format {int(header['version'])}, this ffcv reads {CURRENT_VERSION})")
+
+
+def check_fields(path: Path, reader) -> None:
+    names = list(reader.field_names)
+    for name in schema.FIELD_NAMES:
+        if name not in names:
+            raise CapfastError(f"{path} is not a capfast beton: missing field '{name}'")
+    if names != list(schema.FIELD_NAMES):
+        raise CapfastError(f"{path} was {INCOMPATIBLE} (fields {names}, expected {list(schema.FIELD_NAMES)})")
+    for name, expected in EXPECTED_TYPES.items():
+        actual = type(reader.handlers[name]).__name__
+        if actual != expected:
+            raise CapfastError(f"{path} was {INCOMPATIBLE} (field '{name}' is {actual}, expected {expected})")
+    captions = reader.handlers[schema.CAPTIONS]
+    if np.dtype(captions.dtype) != np.int32 or len(captions.shape) != 2:
+        raise CapfastError(f"{path} was {INCOMPATIBLE} (captions are {np.dtype(captions.dtype)} "
+                           f"{tuple(int(s) for s in captions.shape)}, expected int32 [K, max_len+2])")
+
+
+def check_meta(path: Path) -> None:
+    meta_path = path.parent / schema.META_FILE
+    if not meta_path.exists():
+        return  # a beton copied on its own is still readable
+    try:
+        version = json.loads(meta_path.read_text()).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        raise CapfastError(f"{meta_path} is not valid JSON") from None
+    if version != schema.FORMAT_VERSION:
+        raise CapfastError(f"{path} was {INCOMPATIBLE} (format_version {version} in {meta_path}, "
+                           f"this capfast reads {schema.FORMAT_VERSION}); convert it again")
+
+
+class BetonContents:
+    """Raw records of a checked capfast beton, read straight from the file (for inspection and tests)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.reader = check_beton(self.path)
+        self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        fields = {name: f"f{i}" for i, name in enumerate(self.reader.field_names)}
+        metadata = self.reader.metadata
+        self.image_meta = metadata[fields[schema.IMAGE]]
+        self.caption_ptrs = metadata[fields[schema.CAPTIONS]].astype(np.int64)
+        self.ncaptions = metadata[fields[schema.NCAPTIONS]].astype(np.int64)
+        self.image_ids = metadata[fields[schema.IMAGE_ID]].astype(np.int64)
+        self.caption_shape = tuple(int(s) for s in self.reader.handlers[schema.CAPTIONS].shape)
+        table = self.reader.alloc_table
+        self.sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
+
+    def __len__(self) -> int:
+        return int(self.reader.num_samples)
+
+    def captions(self, i: int) -> np.ndarray:
+        """int32 [K, max_len+2] token ids of record i."""
+        return self.captions_of(np.array([i]))[0]
+
+    def captions_of(self, indices: np.ndarray) -> np.ndarray:
+        nbytes = int(np.prod(self.caption_shape)) * 4
+        offsets = self.caption_ptrs[indices][:, None] + np.arange(nbytes)
+        return np.ascontiguousarray(self.data[offsets]).view(np.int32).reshape((len(indices),) + self.caption_shape)
+
+    def image_bytes(self, i: int) -> bytes:
+        """The stored JPEG of record i."""
+        ptr = int(self.image_meta["data_ptr"][i])
+        return self.data[ptr:ptr + self.sizes[ptr]].tobytes()
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return int(self.image_meta["width"][i]), int(self.image_meta["height"][i])
+
+
+def caption_lengths(contents: BetonContents, vocab_pad: int = 0) -> np.ndarray:
+    """Tokens per real caption (bos, eos and padding excluded), over all records."""
+    lengths = []
+    for start in range(0, len(contents), STATS_CHUNK):
+        indices = np.arange(start, min(start + STATS_CHUNK, len(contents)))
+        rows = contents.captions_of(indices)
+        real = np.arange(rows.shape[1])[None, :] < contents.ncaptions[indices][:, None]
+        lengths.append(((rows != vocab_pad).sum(axis=2) - 2)[real])
+    return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+
+
+def stats(values: np.ndarray) -> dict:
+    if values.size == 0:
+        return {"min": None, "mean": None, "max": None}
+    return {"min": int(values.min()), "mean": round(float(values.mean()), 2), "max": int(values.max())}
+
+
+def load_vocab_beside(path: Path) -> Vocab | None:
+    vocab_path = path.parent / schema.VOCAB_FILE
+    return Vocab.load(vocab_path) if vocab_path.exists() else None
+
+
+def describe_beton(path, examples: int = 3) -> dict:
+    """Summary of a capfast beton as a JSON-serializable dict (raises CapfastError if it is not one)."""
+    path = Path(path)
+    contents = BetonContents(path)
+    vocab = load_vocab_beside(path)
+    k, row_len = contents.caption_shape
+    shown = np.linspace(0, len(contents) - 1, num=min(examples, len(contents))).round().astype(int)
+    return {
+        "path": str(path),
+        "records": len(contents),
+        "fields": {name: type(handler).__name__ for name, handler in contents.reader.handlers.items()},
+        "captions_per_image": k,
+        "max_len": row_len - 2,
+        "vocab_size": len(vocab) if vocab else None,
+        "captions": int(contents.ncaptions.sum()),
+        "captions_per_record": stats(contents.ncaptions),
+        "caption_tokens": stats(caption_lengths(contents)),
+        "image_width": stats(contents.image_meta["width"].astype(np.int64)),
+        "image_height": stats(contents.image_meta["height"].astype(np.int64)),
+        "examples": [example(contents, int(i), vocab) for i in dict.fromkeys(shown.tolist())],
+    }
+
+
+def example(contents: BetonContents, i: int, vocab: Vocab | None) -> dict:
+    rows = contents.captions(i)[:contents.ncaptions[i]]
+    texts = [vocab.decode(row) if vocab else " ".join(map(str, row.tolist())) for row in rows]
+    width, height = contents.image_size(i)
+    return {"record": i, "image_id": int(contents.image_ids[i]), "size": [width, height], "captions": texts}
+
+
+def format_text(info: dict) -> str:
+    def span(s: dict) -> str:
+        return f"{s['min']}..{s['max']} (mean {s['mean']})"
+
+    lines = [
+        f"{info['path']}: {info['records']} records",
+        "fields: " + ", ".join(f"{n} ({t})" for n, t in info["fields"].items()),
+        f"vocabulary: {info['vocab_size'] if info['vocab_size'] is not None else 'no vocab.json beside the file'}",
+        f"captions: {info['captions']} ({span(info['captions_per_record'])} per record, "
+        f"{info['captions_per_image']} rows of {info['max_len']} tokens + bos/eos)",
+        f"tokens per caption: {span(info['caption_tokens'])}",
+        f"image width: {span(info['image_width'])}, height: {span(info['image_height'])}",
+    ]
+    for ex in info["examples"]:
+        lines.append(f"record {ex['record']} (image {ex['image_id']}, {ex['size'][0]}x{ex['size'][1]}):")
+        lines += [f"  {text}" for text in ex["captions"]]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("beton", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def command(beton, as_json):
+    """Summarize FILE.beton written by `capfast convert`: records, fields, vocabulary, lengths, sizes."""
+    info = describe_beton(beton)
+    click.echo(json.dumps(info) if as_json else format_text(info))

@@ -1,0 +1,120 @@
+"""Captioner = image encoder + caption decoder; its config; and the incremental-decoding state."""
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capfast.errors import CapfastError
+from capfast.models.encoder import Encoder
+from capfast.models.lstm import LSTMDecoder
+from capfast.models.transformer import TransformerDecoder
+from capfast.vocab import Vocab
+
+DECODERS = ("transformer", "lstm")
+
+
+@dataclass
+class ModelConfig:
+    """Saved in checkpoints as asdict(cfg) and rebuilt with ModelConfig(**d): keep every field JSON-serializable."""
+
+    encoder: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    encoder_weights: str | None = None  # None/"random": random init | "torchvision": download | state_dict path
+    decoder: str = "transformer"  # transformer | lstm
+    d_model: int = 512  # image feature size (both decoders) and transformer width
+    n_layers: int = 3
+    n_heads: int = 8
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    tie_weights: bool = True
+    max_positions: int = 64
+    lstm_hidden: int = 512
+    attn_dim: int = 512
+    embed_dim: int = 512
+    pad_id: int = Vocab.pad_id
+    bos_id: int = Vocab.bos_id
+    eos_id: int = Vocab.eos_id
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CapfastError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class DecodeState:
+    """What `Captioner.step` carries between steps. Every tensor has the decoding rows (images x beams) first."""
+
+    tensors: dict = field(default_factory=dict)
+    position: int = 0
+    use_cache: bool = True
+
+    def index_select(self, rows: torch.Tensor) -> "DecodeState":
+        """Keep/reorder/duplicate decoding rows, e.g. to follow the surviving beams."""
+        tensors = {k: v.index_select(0, rows) for k, v in self.tensors.items()}
+        return DecodeState(tensors, self.position, self.use_cache)
+
+
+class Captioner(nn.Module):
+    def __init__(self, cfg: ModelConfig, encoder: Encoder, decoder: nn.Module, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.pad_id, self.bos_id, self.eos_id = cfg.pad_id, cfg.bos_id, cfg.eos_id
+        self.encoder, self.decoder = encoder, decoder
+
+    def set_encoder_trainable(self, flag: bool) -> None:
+        self.encoder.set_trainable(flag)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> memory [B, S, D]"""
+        return self.encoder(images)
+
+    def forward(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: images [B, 3, H, W], captions [B, K, L] -> logits [B, K, L-1, V] for captions[..., 1:].
+
+        Rows that are all padding (images with fewer than K captions) give finite logits; the loss ignores them.
+        """
+        return self.decoder(captions[..., :-1], self.encode(images))
+
+    def init_state(self, memory: torch.Tensor, use_cache: bool = True) -> DecodeState:
+        """Decoding state for rows of `memory` [N, S, D]; the first `step` gets bos.
+
+        use_cache=False re-runs the decoder on the whole prefix at every step (slow; a reference for tests).
+        """
+        if use_cache:
+            return DecodeState(self.decoder.init_cache(memory))
+        prefix = torch.empty(memory.shape[0], 0, dtype=torch.long, device=memory.device)
+        return DecodeState({"memory": memory, "prefix": prefix}, use_cache=False)
+
+    def step(self, tokens: torch.Tensor, state: DecodeState):
+        """tokens [N] (the latest of each row) -> (log-probabilities [N, V] float32, next state)."""
+        if state.use_cache:
+            logits, tensors = self.decoder.step(tokens, state.tensors, state.position)
+        else:
+            prefix = torch.cat([state.tensors["prefix"], tokens.unsqueeze(1)], dim=1)
+            memory = state.tensors["memory"]
+            logits = self.decoder(prefix.unsqueeze(1), memory)[:, 0, -1]
+            tensors = {"memory": memory, "prefix": prefix}
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        return logprobs, DecodeState(tensors, state.position + 1, state.use_cache)
+
+
+def build_decoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    if cfg.decoder == "transformer":
+        return TransformerDecoder(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_mult, cfg.dropout,
+                                  cfg.max_positions, cfg.tie_weights)
+    if cfg.decoder == "lstm":
+        return LSTMDecoder(vocab_size, cfg.d_model, cfg.embed_dim, cfg.lstm_hidden, cfg.attn_dim, cfg.dropout,
+                           cfg.tie_weights)
+    raise CapfastError(f"unknown decoder {cfg.decoder!r}; choose one of {', '.join(DECODERS)}")
+
+
+def build_captioner(cfg: ModelConfig, vocab_size: int, *, load_encoder_weights: bool = True) -> Captioner:
+    """A fresh captioner. load_encoder_weights=False skips cfg.encoder_weights (random trunk): use it when a
+    checkpoint's state_dict is loaded next, so captioning needs neither the weights file nor a download."""
+    decoder = build_decoder(cfg, vocab_size)
+    encoder = Encoder(cfg.encoder, cfg.d_model, cfg.encoder_weights if load_encoder_weights else None)
+    return Captioner(cfg, encoder, decoder, vocab_size)

@@ -1,0 +1,237 @@
+"""`capfast synth`: a small, learnable COCO-format captions dataset of colored shapes.
+
+Each image shows one or two shapes (circle/square/triangle; a few colors; small or large) at a position
+(left/right/top/bottom/center) on a plain or gradient background, with five paraphrased captions naming
+them. Output is deterministic for a given seed (byte-identical JPEGs and JSON).
+"""
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image, ImageDraw
+
+from capfast.errors import CapfastError
+from capfast.text import tokenize
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220),
+    "yellow": (240, 220, 30), "purple": (140, 40, 170), "orange": (250, 140, 20),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+POSITIONS = ("left", "right", "top", "bottom", "center")
+PAIRED_POSITIONS = (("left", "right"), ("top", "bottom"))
+SIZES = {"small": 0.2, "large": 0.38}  # shape extent as a fraction of the shorter image side
+
+# Where on the canvas each position puts a shape's center, as (x, y) fractions.
+ANCHORS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75),
+           "center": (0.5, 0.5)}
+WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+         "center": "in the center"}
+TOWARD = {"left": "to the left", "right": "to the right", "top": "near the top", "bottom": "near the bottom",
+          "center": "in the middle"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    size: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    width: int
+    height: int
+    background: str  # a BACKGROUNDS or COLORS name
+    gradient_to: str | None  # second background color for a gradient, else None
+    shapes: tuple[Shape, ...]
+
+
+def random_scene(rng: random.Random, side_range: tuple[int, int]) -> Scene:
+    long_side = rng.randint(*side_range)
+    short_side = rng.randint(side_range[0], long_side)
+    width, height = (long_side, short_side) if rng.random() < 0.6 else (short_side, long_side)
+    background = rng.choice(sorted(BACKGROUNDS))
+    gradient_to = rng.choice(sorted(set(COLORS) - {background})) if rng.random() < 0.3 else None
+    n_shapes = 1 if rng.random() < 0.6 else 2
+    positions = (rng.choice(POSITIONS),) if n_shapes == 1 else rng.choice(PAIRED_POSITIONS)
+    colors = rng.sample(sorted(set(COLORS) - {gradient_to}), n_shapes)
+    shapes = tuple(Shape(rng.choice(SHAPES), color, rng.choice(sorted(SIZES)), position)
+                   for color, position in zip(colors, positions))
+    return Scene(width, height, background, gradient_to, shapes)
+
+
+def render(scene: Scene) -> Image.Image:
+    img = Image.fromarray(background_pixels(scene))
+    draw = ImageDraw.Draw(img)
+    for shape in scene.shapes:
+        draw_shape(draw, shape, scene.width, scene.height)
+    return img
+
+
+def background_pixels(scene: Scene) -> np.ndarray:
+    start = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
+    if scene.gradient_to is None:
+        return np.broadcast_to(start.astype(np.uint8), (scene.height, scene.width, 3)).copy()
+    end = np.array(COLORS[scene.gradient_to], dtype=np.float32)
+    t = np.linspace(0.0, 1.0, scene.width, dtype=np.float32)[None, :, None]
+    row = start + (end - start) * t
+    return np.broadcast_to(row, (scene.height, scene.width, 3)).round().astype(np.uint8)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, width: int, height: int) -> None:
+    half = max(2, SIZES[shape.size] * min(width, height) / 2)
+    cx, cy = ANCHORS[shape.position][0] * width, ANCHORS[shape.position][1] * height
+    box = (cx - half, cy - half, cx + half, cy + half)
+    fill = COLORS[shape.color]
+    if shape.kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def background_phrase(scene: Scene) -> str:
+    if scene.gradient_to is None:
+        return f"{article(scene.background)} {scene.background} background"
+    return f"a {scene.background} and {scene.gradient_to} gradient background"
+
+
+def captions(scene: Scene, rng: random.Random) -> list[str]:
+    """Five paraphrases naming every shape's color, kind and position (and size or background in some)."""
+    nouns = [f"{s.color} {s.kind}" for s in scene.shapes]
+    sized = [f"{s.size} {s.color} {s.kind}" for s in scene.shapes]
+    where = [WHERE[s.position] for s in scene.shapes]
+    toward = [TOWARD[s.position] for s in scene.shapes]
+    background = background_phrase(scene)
+    if len(scene.shapes) == 1:
+        texts = [
+            f"{article(nouns[0]).capitalize()} {nouns[0]} {where[0]} of {background}.",
+            f"{article(sized[0])} {sized[0]} {toward[0]}",
+            f"There is {article(nouns[0])} {nouns[0]} {where[0]} of the picture.",
+            f"{article(sized[0]).capitalize()} {sized[0]} sits {where[0]}, over {background}.",
+            f"{background.capitalize()} with {article(nouns[0])} {nouns[0]} {toward[0]}.",
+        ]
+    else:
+        texts = [
+            f"{article(nouns[0]).capitalize()} {nouns[0]} {where[0]} and {article(nouns[1])} {nouns[1]} "
+            f"{where[1]} of {background}.",
+            f"{article(sized[0])} {sized[0]} {toward[0]} and {article(sized[1])} {sized[1]} {toward[1]}",
+            f"Two shapes: {article(nouns[0])} {nouns[0]} {where[0]}, {article(nouns[1])} {nouns[1]} {where[1]}.",
+            f"{article(nouns[1]).capitalize()} {nouns[1]} {where[1]} with {article(nouns[0])} {nouns[0]} "
+            f"{where[0]}.",
+            f"{background.capitalize()} showing {article(sized[0])} {sized[0]} and {article(sized[1])} "
+            f"{sized[1]}.",
+        ]
+    rng.shuffle(texts)
+    return texts
+
+
+def jpeg_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def make_split(out: Path, split: str, image_ids: list[int], rng: random.Random,
+               side_range: tuple[int, int]) -> tuple[dict, list[dict]]:
+    """Writes the split's images; returns its COCO captions JSON and the per-image records for Karpathy."""
+    image_dir = out / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations, records = [], [], []
+    for image_id in image_ids:
+        scene = random_scene(rng, side_range)
+        file_name = f"COCO_{split}_{image_id:012d}.jpg"
+        (image_dir / file_name).write_bytes(jpeg_bytes(render(scene)))
+        texts = captions(scene, rng)
+        images.append({"id": image_id, "file_name": file_name, "width": scene.width, "height": scene.height,
+                       "license": 1, "date_captured": "2024-01-01 00:00:00"})
+        for text in texts:
+            annotations.append({"id": 0, "image_id": image_id, "caption": text})
+        records.append({"image_id": image_id, "file_name": file_name, "captions": texts, "split": split})
+    coco = {
+        "info": {"description": f"capfast synthetic shapes ({split})", "version": "1.0", "year": 2024,
+                 "contributor": "capfast synth", "date_created": "2024-01-01"},
+        "licenses": [{"id": 1, "name": "CC0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
+        "images": images,
+        "annotations": annotations,
+    }
+    return coco, records
+
+
+def karpathy_split(record: dict, index_in_split: int) -> str:
+    """Karpathy's split puts all COCO train images in "train" and spreads COCO val over val/test/restval."""
+    if record["split"] == "train":
+        return "train"
+    return ("val", "test", "restval")[index_in_split % 3]
+
+
+def karpathy_json(records: list[dict]) -> dict:
+    images, sentence_id = [], 0
+    val_index = 0
+    for imgid, record in enumerate(records):
+        split = karpathy_split(record, val_index)
+        val_index += record["split"] != "train"
+        sentences = []
+        for raw in record["captions"]:
+            sentences.append({"raw": raw, "tokens": tokenize(raw), "imgid": imgid, "sentid": sentence_id})
+            sentence_id += 1
+        images.append({"filepath": record["split"], "filename": record["file_name"], "imgid": imgid,
+                       "cocoid": record["image_id"], "split": split,
+                       "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
+    return {"images": images, "dataset": "coco"}
+
+
+def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: bool = False,
+                        side_range: tuple[int, int] = (64, 160)) -> Path:
+    """Writes OUT/images/{train,val}/*.jpg and OUT/annotations/captions_{train,val}.json (COCO captions
+    format); with karpathy=True also OUT/dataset_coco.json. Image ids are unique across splits, not sorted."""
+    if n_train < 0 or n_val < 0:
+        raise CapfastError("--train and --val must be >= 0")
+    if not 8 <= side_range[0] <= side_range[1]:
+        raise CapfastError(f"invalid image side range {side_range}")
+    out = Path(out)
+    rng = random.Random(seed)
+    ids = rng.sample(range(1, 10 * (n_train + n_val) + 10), n_train + n_val)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    records = []
+    annotation_id = 1
+    for split, split_ids in (("train", ids[:n_train]), ("val", ids[n_train:])):
+        coco, split_records = make_split(out, split, split_ids, rng, side_range)
+        for annotation in coco["annotations"]:
+            annotation["id"] = annotation_id
+            annotation_id += 1
+        (out / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco, indent=1))
+        records += split_records
+    if karpathy:
+        (out / "dataset_coco.json").write_text(json.dumps(karpathy_json(records)))
+    return out
+
+
+@click.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--train", "n_train", type=click.IntRange(min=0), default=400, show_default=True,
+              help="Number of training images.")
+@click.option("--val", "n_val", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Number of validation images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--karpathy", is_flag=True, help="Also write OUT/dataset_coco.json (Karpathy split format).")
+def command(out, n_train, n_val, seed, karpathy):
+    """Write a synthetic COCO captions dataset of colored shapes to OUT."""
+    try:
+        make_synthetic_coco(out, n_train, n_val, seed, karpathy)
+    except OSError as e:
+        raise CapfastError(f"cannot write synthetic dataset to {out}: {e.strerror or e}") from None
+    click.echo(f"wrote {n_train} train + {n_val} val images to {out}", err=True)

@@ -1,0 +1,1 @@
+"""Training: config, the Trainer loop, DDP plumbing, optimizer, monitoring."""

@@ -1,0 +1,58 @@
+"""`capfast train`: resolve the config, check the run directory, run the Trainer (or launch N of them)."""
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from capfast.errors import CapfastError
+from capfast.io import atomic_write_text
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="TOML recipe, e.g. configs/cpu_smoke.toml.")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory written by `capfast convert` (train.beton, vocab.json, ...).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Run directory: checkpoints (last.pt, best.pt), TensorBoard logs (tb/), config.json.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt exactly where it stopped.")
+@click.option("--nproc", type=int, default=0,
+              help="Launch this many DDP processes on this machine (same as torchrun --nproc_per_node).")
+@click.argument("overrides", nargs=-1)
+def command(config_path, data_dir, out_dir, resume, nproc, overrides):
+    """Train a captioner. Extra arguments override the recipe: `optim.lr=1e-4 epochs=3 model.decoder=lstm`.
+
+    Runs on one process by default; under `torchrun` each process trains a shard (NCCL on GPUs, gloo on CPU).
+    Watch it with `tensorboard --logdir OUT/tb`.
+    """
+    from capfast.train.config import load_config, to_dict
+
+    cfg = load_config(config_path, list(overrides))
+    if nproc > 1:
+        from capfast.train.distributed import launch
+
+        argv = ["train", "--config", str(config_path), "--data", str(data_dir), "--out", str(out_dir),
+                *(["--resume"] if resume else []), *overrides]
+        sys.exit(launch(nproc, argv))
+    last = out_dir / "last.pt"
+    if resume and not last.is_file():
+        raise CapfastError(f"--resume: no checkpoint at {last}")
+    if not resume and last.exists():
+        raise CapfastError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
+
+    from capfast.train import distributed
+    from capfast.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, data_dir, out_dir, resume=resume)
+        if trainer.dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+        summary = trainer.train()
+        if trainer.dist.is_main:
+            click.echo(f"done: {summary['step']} steps, {summary['epoch']} epochs; checkpoints in {out_dir}")
+    finally:
+        distributed.shutdown()
+

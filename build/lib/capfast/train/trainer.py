@@ -1,0 +1,282 @@
+"""The training loop: one small Trainer class, read top to bottom.
+
+A step: the loader yields a batch already decoded, augmented and normalized on the device; the encoder runs
+once per image and the decoder on all K captions; the loss is normalized by the global token count so that
+N ranks × B/N images give the same gradient as 1 rank × B images.
+"""
+
+import contextlib
+import itertools
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from capfast import checkpoint, schema
+from capfast.data import build_loader
+from capfast.errors import CapfastError
+from capfast.models import build_captioner
+from capfast.train import distributed
+from capfast.train.config import TrainConfig, to_dict
+from capfast.train.data_check import check_data_dir
+from capfast.train.monitor import Monitor
+from capfast.train.optim import build_optimizer, lr_factor, set_lr
+from capfast.train.precision import autocast_context, resolve_device, resolve_precision
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = False):
+        self.cfg = cfg
+        self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.dist = distributed.init(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.vocab = check_data_dir(self.data_dir, cfg.data.train_split)
+        if cfg.data.batch_size % self.dist.world_size:
+            raise CapfastError(f"data.batch_size={cfg.data.batch_size} does not split evenly over "
+                               f"{self.dist.world_size} processes")
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best_cider = -math.inf
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = build_captioner(cfg.model, vocab_size=len(self.vocab),
+                                     load_encoder_weights=not resume).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.train_loader = self._make_loader(cfg.data.train_split, train=True)
+        self.steps_per_epoch = len(self.train_loader) // cfg.optim.grad_accum
+        if self.steps_per_epoch == 0:
+            raise CapfastError(f"the training split has fewer than data.batch_size × optim.grad_accum = "
+                               f"{cfg.data.batch_size * cfg.optim.grad_accum} images")
+        self.total_steps = self.steps_per_epoch * cfg.epochs  # the schedule's length, whatever max_steps says
+        self.stop_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+
+        random.seed(cfg.seed + self.dist.rank)
+        np.random.seed(cfg.seed + self.dist.rank)
+        torch.manual_seed(cfg.seed + 1 + self.dist.rank)  # dropout differs per rank, as it should
+        if resume:
+            self._restore(self.out_dir / "last.pt")
+        self.encoder_trainable = None
+        self.train_model = None
+        self.val_loader = None
+
+    # ---- setup helpers -------------------------------------------------------------------------------
+
+    def _make_loader(self, split: str, train: bool):
+        beton = schema.beton_path(self.data_dir, split)
+        per_rank_batch = self.cfg.data.batch_size // self.dist.world_size
+        workers = self.cfg.data.workers or None
+        return build_loader(
+            beton, batch_size=per_rank_batch, train=train, device=self.device,
+            dtype=self.amp_dtype or torch.float32, image_size=self.cfg.data.image_size,
+            num_workers=workers, seed=self.cfg.seed, distributed=self.dist.enabled,
+            order=self.cfg.data.order if train else "sequential", os_cache=self.cfg.data.os_cache,
+            crop_scale=self.cfg.data.crop_scale, color_jitter=self.cfg.data.color_jitter if train else 0.0)
+
+    def _set_encoder_trainable(self, epoch: int) -> None:
+        """Freezes or unfreezes the encoder for this epoch; (re)wraps DDP/compile when that changes."""
+        start = self.cfg.encoder_trainable_from_epoch
+        trainable = start >= 0 and epoch >= start
+        self.model.train()
+        self.model.set_encoder_trainable(trainable)
+        if trainable == self.encoder_trainable:
+            return
+        self.encoder_trainable = trainable
+        model = self.model
+        if self.dist.enabled:
+            # DDP registers only parameters that require grad, so a change of trainability needs a new wrapper.
+            device_ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        self.train_model = torch.compile(model) if self.cfg.compile else model
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        monitor = Monitor(self.out_dir / "tb", self.dist.is_main, self.stop_step, self.step)
+        try:
+            while self.epoch < self.cfg.epochs and not self._done():
+                self._set_encoder_trainable(self.epoch)
+                self._train_epoch(monitor)
+                if self.batch_in_epoch < self.steps_per_epoch * self.cfg.optim.grad_accum:
+                    break  # stopped by max_steps mid-epoch: last.pt already records where to resume
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self._validate_if_due(monitor)
+                self._save("last.pt")
+        finally:
+            monitor.close()
+        return {"step": self.step, "epoch": self.epoch, "best_cider": self.best_cider}
+
+    def _done(self) -> bool:
+        return self.step >= self.stop_step
+
+    def _train_epoch(self, monitor: Monitor) -> None:
+        accum = self.cfg.optim.grad_accum
+        wanted = self.steps_per_epoch * accum - self.batch_in_epoch  # micro-batches that fill whole steps
+        epoch = self.train_loader.epoch(self.epoch, skip_batches=self.batch_in_epoch)
+        with contextlib.closing(epoch):
+            micro, data_wait = [], 0.0
+            step_begin = fetch_begin = time.perf_counter()
+            for batch in itertools.islice(epoch, wanted):
+                data_wait += time.perf_counter() - fetch_begin
+                micro.append(batch)
+                if len(micro) == accum:
+                    stats = self._optimizer_step(micro)
+                    self.batch_in_epoch += accum
+                    stats.update(step_time=time.perf_counter() - step_begin, data_wait=data_wait)
+                    self._after_step(monitor, stats)
+                    if self._done():
+                        break
+                    micro, data_wait = [], 0.0
+                    step_begin = time.perf_counter()
+                fetch_begin = time.perf_counter()
+
+    def _optimizer_step(self, micro_batches: list) -> dict:
+        factor = lr_factor(self.step, self.total_steps, self.cfg.optim.warmup_steps, self.cfg.optim.min_lr_ratio)
+        set_lr(self.optimizer, factor)
+        loss = self._accumulate_gradients(micro_batches)
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        images = sum(b.images.shape[0] for b in micro_batches) * self.dist.world_size
+        # .item() waits for the step to finish, so step times are real; the loader prefetches meanwhile.
+        return {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"], "images": images}
+
+    def _accumulate_gradients(self, micro_batches: list) -> torch.Tensor:
+        """Gradients of the mean token loss over every caption token of the step, on all ranks together:
+        k micro-batches x N ranks give the gradient of one batch k*N times as large. Returns that mean loss."""
+        pad = self.vocab.pad_id
+        tokens = sum((b.captions[..., 1:] != pad).sum() for b in micro_batches)
+        global_tokens = distributed.all_reduce_sum(tokens.float()).clamp(min=1)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            with self._maybe_no_sync(i == len(micro_batches) - 1):
+                loss_sum += self._forward_backward(batch, global_tokens)
+        return distributed.all_reduce_sum(loss_sum) / global_tokens
+
+    def _forward_backward(self, batch, global_tokens: torch.Tensor) -> torch.Tensor:
+        """Backward of this micro-batch's share of the step's loss; returns its summed token loss."""
+        with autocast_context(self.device, self.amp_dtype):
+            logits = self.train_model(batch.images, batch.captions)
+        targets = batch.captions[..., 1:]
+        token_loss_sum = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
+                                         ignore_index=self.vocab.pad_id, reduction="sum",
+                                         label_smoothing=self.cfg.optim.label_smoothing)
+        # DDP averages gradients over ranks, hence x world_size: the sum over ranks / the global token count.
+        self.scaler.scale(token_loss_sum * self.dist.world_size / global_tokens).backward()
+        return token_loss_sum.detach()
+
+    def _maybe_no_sync(self, sync: bool):
+        model = self.train_model
+        model = getattr(model, "_orig_mod", model)
+        if sync or not isinstance(model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def _after_step(self, monitor: Monitor, stats: dict) -> None:
+        images_per_sec = stats["images"] / stats["step_time"]
+        if self.step % self.cfg.log_every == 0 or self.step == 1:
+            values = {"train/loss": stats["loss"], "train/lr": stats["lr"],
+                      "perf/images_per_sec": images_per_sec, "perf/step_time_ms": stats["step_time"] * 1e3,
+                      "perf/data_wait_ms": stats["data_wait"] * 1e3}
+            if self.device.type == "cuda":
+                values["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            monitor.scalars(self.step, values)
+        monitor.step_done(stats["loss"], images_per_sec)
+        if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self._done():
+            self._save("last.pt")
+
+    # ---- validation ----------------------------------------------------------------------------------
+
+    def _validate_if_due(self, monitor: Monitor) -> None:
+        every = self.cfg.eval.every_epochs
+        val_beton = schema.beton_path(self.data_dir, self.cfg.data.val_split)
+        if not every or self.epoch % every or not val_beton.exists():
+            return
+        from capfast.evaluate import evaluate_model
+
+        if self.val_loader is None:  # built once: each new loader pays a numba compile
+            self.val_loader = self._make_loader(self.cfg.data.val_split, train=False)
+        loader = self.val_loader
+        refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
+        report = evaluate_model(self.model, loader, self.vocab, refs, beam_size=self.cfg.eval.beam_size,
+                                max_len=self.cfg.eval.max_len, max_images=self.cfg.eval.max_images,
+                                amp_dtype=self.amp_dtype, meteor=False)  # METEOR's JVM costs ~10 s a call
+        self.model.train()
+        self.model.set_encoder_trainable(bool(self.encoder_trainable))
+        if not self.dist.is_main:
+            return
+        monitor.scalars(self.step, {f"val/{k}": v for k, v in report.metrics.items()})
+        monitor.captions(self.step, report.sample_images[:self.cfg.eval.log_images],
+                         report.sample_captions[:self.cfg.eval.log_images])
+        monitor.write(f"epoch {self.epoch}: " + "  ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
+        cider = report.metrics.get("CIDEr", -math.inf)
+        if cider > self.best_cider:
+            self.best_cider = cider
+            self._save("best.pt")
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def _save(self, name: str) -> None:
+        if not self.dist.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save({
+            "model_config": to_dict(self.cfg)["model"],
+            "model": self.model.state_dict(),
+            "vocab": list(self.vocab.words),
+            "image_size": self.cfg.data.image_size,
+            "train_config": to_dict(self.cfg),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "best_cider": self.best_cider,
+            "world_size": self.dist.world_size,
+            "rng": _rng_state(),
+        }, self.out_dir / name)
+
+    def _restore(self, path: Path) -> None:
+        state = checkpoint.load(path)
+        if state["vocab"] != list(self.vocab.words):
+            raise CapfastError(f"cannot resume from {path}: it was trained with a different vocabulary")
+        if state["model_config"] != to_dict(self.cfg)["model"]:
+            raise CapfastError(f"cannot resume from {path}: its model config differs from this run's")
+        if state.get("world_size", 1) != self.dist.world_size and state["batch_in_epoch"]:
+            raise CapfastError(f"cannot resume mid-epoch from {path} with a different number of processes")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best_cider = state["best_cider"]
+        if self.dist.is_main or state.get("world_size", 1) == 1:
+            _set_rng_state(state["rng"])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
