@@ -44,10 +44,9 @@ def jpeg_field_class():
 
         def encode(self, destination, value, malloc):
             jpeg, height, width = value
-            destination["mode"] = JPG_MODE
-            destination["height"], destination["width"] = height, width
-            destination["data_ptr"], storage = malloc(len(jpeg))
+            data_ptr, storage = malloc(len(jpeg))
             storage[:] = np.frombuffer(jpeg, dtype=np.uint8)
+            destination[0] = (JPG_MODE, width, height, data_ptr)  # metadata_type's order, in one assignment
 
     return JpegField
 

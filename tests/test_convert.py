@@ -146,7 +146,7 @@ def test_kill_9_mid_write_leaves_nothing_behind(tmp_path):
     child.start()
     process = psutil.Process(child.pid)
     wait_until(lambda: not child.is_alive() or (files_open_in(child.pid, out) and len(process.children()) == 2),
-               "convert writes its beton")
+               "convert writes its beton", timeout=300)  # the child may import ffcv itself
     workers = process.children()
     try:
         os.kill(child.pid, signal.SIGKILL)
