@@ -71,9 +71,12 @@ def ffcv_writer(paths: list[Path], out: Path, workers: int) -> float:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
+    from capfast.pool import opencv_single_threaded
+
     fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=QUALITY), "image_id": IntField()}
     started = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+    # its progress bar to nowhere; no OpenCV threads in this process while it forks its workers (see pool.py)
+    with contextlib.redirect_stderr(io.StringIO()), opencv_single_threaded():
         DatasetWriter(str(out), fields, num_workers=workers).from_indexed_dataset(DecodedImages(paths))
     return time.perf_counter() - started
 
