@@ -7,6 +7,7 @@ reason to skip it, so nothing bad reaches the beton.
 
 import collections
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,18 +27,17 @@ class RecordSettings:
     max_len: int
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):  # a tuple: pickled back to the parent an order of magnitude faster than a dataclass
     jpeg: bytes
     height: int
     width: int
-    captions: np.ndarray  # int32 [captions_per_image, max_len + 2]; rows past ncaptions are padding
+    captions: bytes  # int32 [captions_per_image, max_len + 2]; rows past ncaptions are padding
     ncaptions: int
     truncated: int  # captions cut to max_len tokens
 
     def values(self, image_id: int) -> tuple:
         """The beton fields' values, in schema.FIELD_NAMES order."""
-        return (self.jpeg, self.height, self.width), self.captions, self.ncaptions, image_id
+        return (self.jpeg, self.height, self.width), np.frombuffer(self.captions, np.int32), self.ncaptions, image_id
 
 
 _worker = {}
@@ -69,7 +69,7 @@ def encode_item(job: tuple[str, list[str]]) -> Record | str:
     for row, words in enumerate(rows):
         ids[row] = vocab.encode(words, settings.max_len)
     truncated = sum(len(words) > settings.max_len for words in rows)
-    return Record(jpeg, height, width, ids, len(rows), truncated)
+    return Record(jpeg, height, width, ids.tobytes(), len(rows), truncated)
 
 
 def count_words(captions: list[str]) -> collections.Counter:
