@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import torch
 
-from capfast import schema
+from capfast import progress, schema
 from capfast.errors import CapfastError
 
 @dataclass
@@ -24,7 +24,7 @@ class Report:
 
 @torch.inference_mode()
 def decode_split(model, loader, vocab, *, beam_size=3, max_len=20, max_images=0, amp_dtype=None,
-                 keep_samples=4) -> Report:
+                 keep_samples=4, progress_seconds=progress.DEFAULT_SECONDS) -> Report:
     """This rank's captions for its shard of the loader's split; with max_images, this rank's share of them."""
     model.eval()
     report = Report()
@@ -33,7 +33,7 @@ def decode_split(model, loader, vocab, *, beam_size=3, max_len=20, max_images=0,
         return report
     batches = loader.epoch(0)
     with contextlib.closing(batches):  # stopping early must also stop ffcv's prefetch thread
-        for batch in batches:
+        for batch in progress.track(batches, len(loader), "val", "batch", progress_seconds):
             images, image_ids = batch.images, batch.image_ids
             if limit is not None:
                 images, image_ids = images[:limit - len(report.results)], image_ids[:limit - len(report.results)]
@@ -64,14 +64,15 @@ def caption_batch(model, images: torch.Tensor, vocab, beam_size: int, max_len: i
 
 
 def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_len=20, max_images=0,
-                   amp_dtype=None, ptb_java=False, meteor="auto", attributes_file=None, blind=False) -> Report:
+                   amp_dtype=None, ptb_java=False, meteor="auto", attributes_file=None, blind=False,
+                   progress_seconds=progress.DEFAULT_SECONDS) -> Report:
     """Decodes on every rank, gathers on rank 0 and scores there (other ranks get empty metrics).
 
     attributes_file (attributes_SPLIT.json of `capfast synth` data): adds accuracy/colour, /shape, /position.
     blind=True adds the same metrics as "blind/..." for the same model shown a blank image instead of each
     image: what it says without looking, the chance level of every score."""
     report = decode_split(model, loader, vocab, beam_size=beam_size, max_len=max_len,
-                          max_images=max_images, amp_dtype=amp_dtype)
+                          max_images=max_images, amp_dtype=amp_dtype, progress_seconds=progress_seconds)
     report.results = _gather_results(report.results)
     if report.results is None:
         return Report()

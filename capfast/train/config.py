@@ -29,6 +29,7 @@ class DataConfig:
     os_cache: bool = option(True)
     crop_scale: tuple[float, float] = option((0.35, 1.0), above=0, max=1, check=ascending)  # crop area / image
     color_jitter: float = option(0.0, min=0, below=1)
+    prefetch: int = option(3, min=0)            # batches a producer thread prepares ahead of training (0 = none: synchronous)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainConfig:
     seed: int = option(0, min=0)
     checkpoint_every: int = option(1000, min=0)  # optimizer steps; 0 = only at epoch ends (always written there)
     log_every: int = option(1, min=1)            # TensorBoard scalars every this many steps
+    progress_seconds: float = option(30.0, min=0)  # stdout not a terminal: a progress line at most this often; 0 = every step
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
