@@ -6,7 +6,7 @@ import pytest
 
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig
-from capfast.train.config import load_config
+from capfast.train.config import all_keys, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.toml"))
@@ -37,6 +37,10 @@ RECIPES = sorted((ROOT / "configs").glob("*.toml"))
     ("model.batchnorm=sync", "model.batchnorm must be one of frozen, batch"),
     ("model.dropout=1.0", "model.dropout must be a number >= 0 and < 1"),
     ("eval.beam_size=0", "eval.beam_size must be an integer >= 1"),
+    ("data.prefetch=-1", "data.prefetch must be an integer >= 0, got -1"),
+    ("data.prefetch=true", "data.prefetch must be an integer >= 0, got true"),
+    ("progress_seconds=-1", "progress_seconds must be a number >= 0, got -1"),
+    ("progress_seconds=\"often\"", "progress_seconds must be a number >= 0"),
     ("model=3", "config key 'model' must be a section"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
@@ -63,6 +67,15 @@ def test_good_values_are_converted():
 def test_every_recipe_loads_and_keeps_ddp_equivalence(recipe):
     cfg = load_config(recipe)
     assert cfg.model.batchnorm == "frozen"  # what makes N ranks x B/N train like 1 x B (README)
+
+
+def test_every_key_is_classified_for_resume_exactly_once():
+    """A key resume neither refuses nor knows to be safe is refused: each must be in one of resume.py's lists."""
+    from capfast.train import resume
+
+    for key in all_keys():
+        assert resume.is_fixed(key) != resume.is_safe(key), key
+    assert resume.is_safe("data.prefetch") and resume.is_safe("progress_seconds")
 
 
 def test_model_config_from_a_checkpoint_is_checked():

@@ -2,15 +2,18 @@
 
 A resumed run continues exactly where the checkpoint stopped: the same records in the same order, the same crops,
 the same model. Keys that would change what the checkpoint's position (epoch, batch in epoch) or weights mean are
-refused. Every other key is applied, and the change is recorded (checkpoint, config.json) and printed:
+refused. The keys listed as applied are applied, and the change is recorded (checkpoint, config.json) and printed:
 
   refused  model.* (architecture, BatchNorm mode), data.train_split, data.image_size, data.batch_size, data.order,
            data.crop_scale, data.color_jitter, seed, optim.grad_accum, precision, encoder_trainable_from_epoch,
            and the number of processes when resuming mid-epoch
   applied  epochs and max_steps (the cosine schedule is stretched from the current step on), optimizer settings
            (lr, encoder_lr, weight_decay, betas, warmup, clipping, label smoothing: set on the restored optimizer),
-           eval.*, data.val_split, data.workers, data.os_cache, logging, checkpoint_every, compile, channels_last,
-           device
+           eval.*, data.val_split, data.workers, data.os_cache, data.prefetch, logging, progress_seconds,
+           checkpoint_every, compile, channels_last, device
+
+Every config key is in exactly one of the two lists (tests/test_config.py checks it); a key in neither is refused,
+so a new key is safe to resume across only once someone has said so here.
 """
 
 from capfast.errors import CapfastError
@@ -18,6 +21,11 @@ from capfast.errors import CapfastError
 FIXED_PREFIXES = ("model.",)
 FIXED_KEYS = ("data.train_split", "data.image_size", "data.batch_size", "data.order", "data.crop_scale",
               "data.color_jitter", "seed", "optim.grad_accum", "precision", "encoder_trainable_from_epoch")
+SAFE_PREFIXES = ("eval.",)
+SAFE_KEYS = ("epochs", "max_steps", "optim.lr", "optim.encoder_lr", "optim.weight_decay", "optim.betas",
+             "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip", "optim.label_smoothing",
+             "data.val_split", "data.workers", "data.os_cache", "data.prefetch", "log_every", "progress_seconds",
+             "checkpoint_every", "compile", "channels_last", "device")
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -42,9 +50,13 @@ def is_fixed(key: str) -> bool:
     return key in FIXED_KEYS or key.startswith(FIXED_PREFIXES)
 
 
+def is_safe(key: str) -> bool:
+    return key in SAFE_KEYS or key.startswith(SAFE_PREFIXES)
+
+
 def check_resumable(path, changes: dict, old_world: int, new_world: int, mid_epoch: bool) -> None:
     """CapfastError naming every refused change with both values; returns when all changes may apply."""
-    refused = [f"{key} {show(a)} -> {show(b)}" for key, (a, b) in changes.items() if is_fixed(key)]
+    refused = [f"{key} {show(a)} -> {show(b)}" for key, (a, b) in changes.items() if not is_safe(key)]
     if mid_epoch and old_world != new_world:
         refused.append(f"processes {old_world} -> {new_world} (mid-epoch)")
     if refused:
