@@ -1,8 +1,15 @@
-"""`capfast bench loader`: capfast's loader vs a torch DataLoader that PIL-decodes the same JPEG bytes.
+"""`capfast bench loader`: capfast's loader vs two baselines on the same beton, in the same run.
 
-Both produce the same thing: random-resized crops (same size, scale and ratio), normalized float tensors,
-captions, on the chosen device. The baseline's bytes are read out of the beton once, before timing, so it pays
-no file I/O that capfast pays. Warm-up batches (numba compilation, worker start-up) are not timed.
+- `--baseline pil` (or plain `--baseline`): a torch DataLoader that PIL-decodes the same JPEG bytes, as a typical
+  captioning repo does. It produces what capfast does: random-resized crops (same size, scale and ratio),
+  normalized float tensors, captions, on the chosen device. Its bytes are read out of the beton once, before
+  timing, so it pays no file I/O that capfast pays.
+- `--baseline ffcv`: ffcv's own pipeline, RandomResizedCropRGBImageDecoder -> ToTensor -> ToTorchImage, on the
+  same beton, batch, crop size and threads. It does less than capfast: uint8 crops, not normalized, resized with
+  OpenCV's INTER_AREA (no antialiased bilinear, no seeded boxes).
+- `--baseline all`: both.
+
+Warm-up batches (numba compilation, worker start-up) are not timed.
 """
 
 import io
@@ -12,6 +19,7 @@ import click
 import numpy as np
 import torch
 
+from capfast import schema
 from capfast.errors import CapfastError
 
 WARMUP_BATCHES = 3
@@ -91,6 +99,42 @@ def run_capfast(beton, device, batch_size, workers, batches, image_size) -> floa
     return timed(capfast_batches(loader), batches, batch_size, device)
 
 
+def ffcv_batches(loader, device: torch.device):
+    """ffcv's own epochs; each closed (its thread joined) when the timing stops, so none runs on behind it."""
+    from ffcv.pipeline.compiler import Compiler
+
+    from capfast.data.ffcv_ops import GuardedEpochIterator
+
+    while True:
+        Compiler.set_num_threads(loader.num_workers)
+        order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
+        epoch = GuardedEpochIterator(loader, order)  # ffcv's EpochIterator, with a close() that joins its thread
+        try:
+            for batch in epoch:
+                out = dict(zip(loader.pipeline_specs, batch))
+                yield out[schema.IMAGE].to(device), out[schema.CAPTIONS].to(device)
+        finally:
+            epoch.close()
+
+
+def run_ffcv(beton, device, batch_size, workers, batches, image_size) -> float:
+    from ffcv.fields.decoders import NDArrayDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from capfast.data.loader import torch_threads_kept
+
+    decoder = RandomResizedCropRGBImageDecoder((image_size, image_size), scale=CROP_SCALE, ratio=CROP_RATIO)
+    pipelines = {schema.IMAGE: [decoder, ToTensor(), ToTorchImage()], schema.CAPTIONS: [NDArrayDecoder(), ToTensor()]}
+    with torch_threads_kept():  # ffcv sets torch's thread count to its own
+        loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=0,
+                        drop_last=True, pipelines=pipelines)
+    if len(loader) == 0:
+        raise CapfastError(f"{beton} has fewer records than one batch of {batch_size}")
+    return timed(ffcv_batches(loader, device), batches, batch_size, device)
+
+
 def run_baseline(beton, device, batch_size, workers, batches, image_size) -> float:
     jpegs, captions = read_records(beton, (batches + WARMUP_BATCHES) * batch_size)
     if len(jpegs) < batch_size:
@@ -108,7 +152,9 @@ def run_baseline(beton, device, batch_size, workers, batches, image_size) -> flo
 @click.option("--workers", type=int, default=None, help="ffcv threads and DataLoader workers [default: all cores].")
 @click.option("--batches", default=20, show_default=True, type=int, help="Timed batches, after 3 warm-up batches.")
 @click.option("--image-size", default=224, show_default=True, type=int, help="Crop size.")
-@click.option("--baseline", is_flag=True, help="Also time torch DataLoader + PIL decode in the same run.")
+@click.option("--baseline", type=click.Choice(["pil", "ffcv", "all"]), default=None, is_flag=False, flag_value="pil",
+              help="Also time, in the same run: pil = torch DataLoader + PIL decode (plain --baseline), ffcv = "
+                   "ffcv's own RandomResizedCrop pipeline, all = both.")
 def command(beton, device, batch_size, workers, batches, image_size, baseline):
     """Loader throughput (img/s) on the training path: decode, random-resized crop, normalize, on the device."""
     if min(batch_size, batches, image_size) < 1 or (workers is not None and workers < 1):
@@ -120,10 +166,17 @@ def command(beton, device, batch_size, workers, batches, image_size, baseline):
     capfast_img_s = run_capfast(beton, device, batch_size, workers, batches, image_size)
     click.echo(f"capfast loader ({device.type}, {workers} workers, batch {batch_size}, {image_size} px): "
                f"{capfast_img_s:.1f} img/s")
-    baseline_img_s = ratio = float("nan")
-    if baseline:
+    baseline_img_s = ratio = ffcv_img_s = ffcv_ratio = float("nan")
+    if baseline in ("pil", "all"):
         baseline_img_s = run_baseline(beton, device, batch_size, workers, batches, image_size)
         ratio = capfast_img_s / baseline_img_s
         click.echo(f"baseline torch DataLoader + PIL ({workers} workers): {baseline_img_s:.1f} img/s")
         click.echo(f"speedup: {ratio:.2f}x")
-    click.echo(f"capfast_img_s={capfast_img_s:.1f} baseline_img_s={baseline_img_s:.1f} ratio={ratio:.2f}")
+    if baseline in ("ffcv", "all"):
+        ffcv_img_s = run_ffcv(beton, device, batch_size, workers, batches, image_size)
+        ffcv_ratio = capfast_img_s / ffcv_img_s
+        click.echo(f"baseline ffcv RandomResizedCropRGBImageDecoder -> ToTensor -> ToTorchImage ({workers} threads, "
+                   f"uint8, not normalized): {ffcv_img_s:.1f} img/s")
+        click.echo(f"capfast / ffcv: {ffcv_ratio:.2f}x")
+    click.echo(f"capfast_img_s={capfast_img_s:.1f} baseline_img_s={baseline_img_s:.1f} ratio={ratio:.2f} "
+               f"ffcv_img_s={ffcv_img_s:.1f} ffcv_ratio={ffcv_ratio:.2f}")

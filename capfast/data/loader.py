@@ -1,9 +1,10 @@
 """Streams a capfast beton as normalized, augmented image batches on the training device.
 
 ffcv reads records on its own thread. On CUDA it hands out the stored JPEG bytes, nvJPEG decodes them and the
-crop/jitter/normalize run batched on a side stream, one batch ahead of the consumer. Without CUDA, ffcv decodes
-with libjpeg-turbo on its worker threads and the same torch transforms run on the CPU. Crops are drawn from a
-generator seeded by (seed, epoch, batch, rank), so a run resumed with skip_batches sees the same batches.
+crop/jitter/normalize run batched on a side stream, one batch ahead of the consumer. Without CUDA, each image is
+decoded (libjpeg-turbo), cropped, resized, jittered and normalized inside ffcv's parallel stage, on all of the
+loader's threads (ffcv_ops.CropResizeDecoder). Crops are drawn from a generator seeded by (seed, epoch, batch,
+rank), on either device, so a run resumed with skip_batches sees the same batches.
 """
 
 import contextlib
@@ -129,7 +130,7 @@ class CaptionLoader:
     def _batches(self, indices: np.ndarray, epoch: int, first: int) -> Iterator[Batch]:
         if len(indices) == 0:
             return
-        raw_batches = self._read(indices)
+        raw_batches = self._read(indices, epoch, first)
         try:
             numbered = enumerate(raw_batches, start=first)
             if self.on_cuda:
@@ -140,14 +141,27 @@ class CaptionLoader:
         finally:
             raw_batches.close()
 
-    def _read(self, indices: np.ndarray):
+    def _read(self, indices: np.ndarray, epoch: int, first: int):
         from ffcv.pipeline.compiler import Compiler
 
         from capfast.data.ffcv_ops import GuardedEpochIterator
 
         with self._device_context(), torch_threads_kept():
             Compiler.set_num_threads(self.settings.workers)
-            return GuardedEpochIterator(self._ffcv, indices)
+            return GuardedEpochIterator(self._ffcv, indices, batch_memory=self._stage_memory(epoch, first))
+
+    def _stage_memory(self, epoch: int, first: int) -> dict:
+        """CPU: CropResizeDecoder's memory for each batch of this iterator (boxes drawn as on the GPU path)."""
+        if self.settings.decoder != "ffcv":
+            return {}
+        decoder = self._ffcv.pipeline_specs[schema.IMAGE].decoder
+        buffers = decoder.epoch_buffers(self.settings.batch_size)
+
+        def memory_for(b: int, records: np.ndarray) -> tuple:
+            boxes, factors = self._augmentation(torch.from_numpy(decoder.sizes(records)), epoch, first + b)
+            return decoder.batch_memory(boxes.numpy(), None if factors is None else factors.numpy(), buffers)
+
+        return {decoder: memory_for}
 
     def _prefetched(self, numbered, epoch: int) -> Iterator[Batch]:
         """Launches batch n+1 on the side stream before handing batch n to the consumer."""
@@ -195,10 +209,20 @@ class CaptionLoader:
 
     def _cpu_batch(self, raw, epoch: int, b: int) -> Batch:
         out = dict(zip(self._ffcv.pipeline_specs, raw))
+        if self.settings.decoder == "ffcv":  # cropped, resized and normalized in ffcv's stage already
+            return Batch(self._stage_images(out[schema.IMAGE]), *self._labels(out))
         boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
         with single_torch_thread():
             images = self._images(out, boxes, factors)
         return Batch(images, *self._labels(out))
+
+    def _stage_images(self, images: torch.Tensor) -> torch.Tensor:
+        """CropResizeDecoder's [B, S, S, 3] output as the model's [B, 3, S, S] channels_last input."""
+        dtype = self.settings.dtype
+        if dtype == torch.bfloat16:
+            images = images.view(torch.bfloat16)
+        images = images.permute(0, 3, 1, 2)
+        return images.to(dtype) if images.dtype != dtype else images  # float16: computed as float32
 
     def _cuda_batch(self, raw, epoch: int, b: int):
         """Enqueues decode + transforms of one batch on the side stream; returns (Batch, ready event)."""
@@ -213,14 +237,11 @@ class CaptionLoader:
         return Batch(images, *labels), ready
 
     def _images(self, out: dict, boxes, factors) -> torch.Tensor:
-        """The batch's model input, from ffcv's decoded pixels or from the JPEG bytes (nvJPEG on CUDA)."""
-        if self.settings.decoder == "ffcv":
-            decoded = out[schema.IMAGE].permute(0, 3, 1, 2)
-        else:
-            from capfast.data.jpeg import decode_jpegs
+        """The batch's model input from the JPEG bytes (nvJPEG on CUDA)."""
+        from capfast.data.jpeg import decode_jpegs
 
-            encoded = [out[schema.IMAGE][i, :n] for i, n in enumerate(out[IMAGE_INFO][:, 2].tolist())]
-            decoded = augment.pad_images(decode_jpegs(encoded, self.settings.device))
+        encoded = [out[schema.IMAGE][i, :n] for i, n in enumerate(out[IMAGE_INFO][:, 2].tolist())]
+        decoded = augment.pad_images(decode_jpegs(encoded, self.settings.device))
         return self._finish_images(decoded, boxes, factors)
 
     def _hand_over(self, batch: Batch, ready) -> Batch:
@@ -261,10 +282,12 @@ class CaptionLoader:
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToTensor
 
-        from capfast.data.ffcv_ops import FullImageDecoder, ImageInfoDecoder, JpegBytesDecoder
+        from capfast.data.ffcv_ops import ImageInfoDecoder, JpegBytesDecoder
 
-        ffcv_decodes = self.settings.decoder == "ffcv"
-        image_decoder = FullImageDecoder() if ffcv_decodes else JpegBytesDecoder(self.max_jpeg_bytes)
+        if self.settings.decoder == "ffcv":
+            image_decoder = self._crop_resize_decoder()
+        else:
+            image_decoder = JpegBytesDecoder(self.max_jpeg_bytes)
         return {
             schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=image_decoder, transforms=[ToTensor()]),
             schema.CAPTIONS: PipelineSpec(schema.CAPTIONS, decoder=NDArrayDecoder(), transforms=[ToTensor()]),
@@ -272,6 +295,14 @@ class CaptionLoader:
             schema.IMAGE_ID: PipelineSpec(schema.IMAGE_ID, decoder=IntDecoder(), transforms=[ToTensor()]),
             IMAGE_INFO: PipelineSpec(schema.IMAGE, decoder=ImageInfoDecoder(), transforms=[ToTensor()]),
         }
+
+    def _crop_resize_decoder(self):
+        from capfast.data.ffcv_ops import CropResizeDecoder
+
+        c = augment.constants(torch.device("cpu"))
+        out_dtype = np.int16 if self.settings.dtype == torch.bfloat16 else np.float32  # bfloat16 travels as bits
+        return CropResizeDecoder(self.settings.image_size, out_dtype, c["mean"].view(3).numpy(),
+                                 c["inv_std"].view(3).numpy())
 
     def _quasi_order(self):
         from ffcv.traversal_order import QuasiRandom
