@@ -301,15 +301,20 @@ def bench_loader(beton, *options) -> dict:
     result = CliRunner().invoke(command, ["--data", str(beton), "--batch-size", "4", "--batches", "2",
                                           "--workers", "1", "--image-size", str(SIZE), *options])
     assert result.exit_code == 0, result.output
-    return dict(pair.split("=") for pair in result.output.strip().splitlines()[-1].split())
+    return dict(pair.split("=") for pair in result.output.strip().splitlines()[-1].split()), result.output
 
 
 def test_bench_loader_prints_a_machine_readable_ratio_against_both_baselines(train_beton):
-    values = bench_loader(train_beton, "--baseline", "all")
-    assert list(values) == ["capfast_img_s", "baseline_img_s", "ratio", "ffcv_img_s", "ffcv_ratio"]
+    values, output = bench_loader(train_beton, "--baseline", "all")
+    assert list(values) == ["capfast_img_s", "baseline_img_s", "ratio", "ffcv_img_s", "ffcv_ratio",
+                            "mean_jpeg_kb", "ceiling_img_s", "ceiling_fraction"]
     assert all(float(values[k]) > 0 for k in ("capfast_img_s", "baseline_img_s", "ffcv_img_s")), values
     assert all(math.isfinite(float(values[k])) for k in ("ratio", "ffcv_ratio")), values  # 2 batches: noisy
-    plain = bench_loader(train_beton, "--baseline")  # plain --baseline: DataLoader + PIL only
+    contents = BetonContents(train_beton)
+    mean_kb = np.mean([len(contents.image_bytes(i)) for i in range(len(contents))]) / 1024
+    assert float(values["mean_jpeg_kb"]) == pytest.approx(mean_kb, abs=0.05) and "stored JPEGs: mean" in output
+    assert values["ceiling_img_s"] == values["ceiling_fraction"] == "nan"  # the decode ceiling is timed on CUDA
+    plain, _ = bench_loader(train_beton, "--baseline")  # plain --baseline: DataLoader + PIL only
     assert float(plain["ratio"]) > 0 and plain["ffcv_img_s"] == plain["ffcv_ratio"] == "nan"
 
 

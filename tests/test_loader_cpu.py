@@ -5,6 +5,7 @@ the filter, the seeded boxes on the same decoded pixels, the output arrays' life
 """
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -142,16 +143,41 @@ def test_kept_batches_keep_their_pixels_and_dropped_ones_are_reused(noise_beton)
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread CPU times from /proc")
 def test_one_worker_means_one_thread_does_all_the_image_work(noise_beton):
-    """Decode, crop, resize and normalize all ran on one thread (ffcv's), none on numba's or torch's pools."""
+    """Decode, crop, resize and normalize all ran on one thread (ffcv's), none on numba's or torch's pools, nor
+    on the producer thread, which only wraps the finished arrays."""
     train = build_loader(noise_beton, batch_size=4, train=True, image_size=224, num_workers=1, seed=0)
     list(train.epoch(0))  # compiles the stage
-    before = _thread_cpu_ns()
-    list(train.epoch(1))  # a new ffcv thread
-    used = {tid: ns - before.get(tid, 0) for tid, ns in _thread_cpu_ns().items()}
+    with ThreadTimes() as used:
+        list(train.epoch(1))  # a new ffcv thread and a new producer thread, gone when the epoch ends
     total = sum(used.values())
     busy = [tid for tid, ns in used.items() if ns > 0.2 * total]
     assert total > 20e6 and len(busy) == 1, used
     assert torch.get_num_threads() == 1  # ffcv gives torch the loader's thread count too
+
+
+class ThreadTimes(dict):
+    """{thread id: CPU ns used while inside}, sampled every millisecond from /proc so that threads that end
+    inside are counted too (their last millisecond aside)."""
+
+    def __enter__(self):
+        self._before, self._stop = _thread_cpu_ns(), threading.Event()
+        self._sampler = threading.Thread(target=self._sample)
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._sampler.join()
+        self._sample_once()
+        self.pop(str(self._sampler.native_id), None)  # the sampler's own reads
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self._sample_once()
+
+    def _sample_once(self):
+        for tid, ns in _thread_cpu_ns().items():
+            self[tid] = ns - self._before.get(tid, 0)
 
 
 def _thread_cpu_ns() -> dict:
@@ -160,6 +186,6 @@ def _thread_cpu_ns() -> dict:
         try:
             with open(f"/proc/self/task/{tid}/schedstat") as f:
                 times[tid] = int(f.read().split()[0])
-        except FileNotFoundError:  # the thread ended
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended
             continue
     return times

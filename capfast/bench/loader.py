@@ -10,10 +10,15 @@
 - `--baseline all`: both.
 
 Warm-up batches (numba compilation, worker start-up) are not timed.
+
+Decoding cost grows with the stored JPEG size (synthetic shapes compress to ~5 KB at 256², COCO photos take
+~20 KB), so every run prints the beton's mean stored JPEG size. On CUDA it also times one batched decode_jpegs
+of a batch of the same bytes alone, the ceiling the loader can approach, and prints the loader's fraction of it.
 """
 
 import io
 import time
+from typing import NamedTuple
 
 import click
 import numpy as np
@@ -48,18 +53,23 @@ class PilDataset(torch.utils.data.Dataset):
         return self.transform(image), torch.from_numpy(self.captions[i].astype(np.int64))
 
 
-def timed(batches, n: int, batch_size: int, device: torch.device) -> float:
+class Timing(NamedTuple):
+    img_s: float
+    cores: float  # this process's CPU seconds per second while timed (threads; not DataLoader's subprocesses)
+
+
+def timed(batches, n: int, batch_size: int, device: torch.device) -> Timing:
     """img/s over `n` batches after WARMUP_BATCHES; `batches` must yield (images, ...) forever."""
     for _ in range(WARMUP_BATCHES):
         next(batches)
     sync(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(n):
         next(batches)
     sync(device)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     batches.close()  # stops the loader's threads before the other loader is timed
-    return n * batch_size / elapsed
+    return Timing(n * batch_size / elapsed, cpu / elapsed)
 
 
 def sync(device: torch.device) -> None:
@@ -90,12 +100,13 @@ def read_records(beton, count: int):
     return [contents.image_bytes(i) for i in range(count)], contents.captions_of(np.arange(count))
 
 
-def run_capfast(beton, device, batch_size, workers, batches, image_size) -> float:
+def run_capfast(beton, device, batch_size, workers, batches, image_size, prefetch=3) -> Timing:
     from capfast.data import build_loader
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loader = build_loader(beton, batch_size=batch_size, train=True, device=device, dtype=dtype,
-                          image_size=image_size, num_workers=workers, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO)
+                          image_size=image_size, num_workers=workers, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO,
+                          prefetch=prefetch)
     return timed(capfast_batches(loader), batches, batch_size, device)
 
 
@@ -117,7 +128,7 @@ def ffcv_batches(loader, device: torch.device):
             epoch.close()
 
 
-def run_ffcv(beton, device, batch_size, workers, batches, image_size) -> float:
+def run_ffcv(beton, device, batch_size, workers, batches, image_size) -> Timing:
     from ffcv.fields.decoders import NDArrayDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -135,7 +146,7 @@ def run_ffcv(beton, device, batch_size, workers, batches, image_size) -> float:
     return timed(ffcv_batches(loader, device), batches, batch_size, device)
 
 
-def run_baseline(beton, device, batch_size, workers, batches, image_size) -> float:
+def run_baseline(beton, device, batch_size, workers, batches, image_size) -> Timing:
     jpegs, captions = read_records(beton, (batches + WARMUP_BATCHES) * batch_size)
     if len(jpegs) < batch_size:
         raise CapfastError(f"{beton} has fewer records than one batch of {batch_size}")
@@ -145,17 +156,63 @@ def run_baseline(beton, device, batch_size, workers, batches, image_size) -> flo
     return timed(baseline_batches(loader, device), batches, batch_size, device)
 
 
+# ---- stored JPEG size and the decode ceiling -----------------------------------------------------------
+
+CEILING_BATCHES = 4  # distinct batches of bytes, decoded in turn
+CEILING_WARMUP, CEILING_REPEATS = 2, 12
+
+
+def mean_jpeg_bytes(beton) -> float:
+    from capfast.inspect_beton import BetonContents
+
+    return float(BetonContents(beton).image_nbytes().mean())
+
+
+def decode_ceiling(beton, device: torch.device, batch_size: int) -> float:
+    """img/s of one batched decode_jpegs call of `batch_size` stored JPEGs at a time, nothing else running."""
+    from capfast.data.jpeg import decode_jpegs
+
+    jpegs, _ = read_records(beton, CEILING_BATCHES * batch_size)
+    encoded = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
+    groups = [encoded[i:i + batch_size] for i in range(0, len(encoded) - batch_size + 1, batch_size)]
+    if not groups:
+        raise CapfastError(f"{beton} has fewer records than one batch of {batch_size}")
+    for i in range(CEILING_WARMUP):
+        decode_jpegs(groups[i % len(groups)], device)
+    sync(device)
+    started = time.perf_counter()
+    for i in range(CEILING_REPEATS):
+        decode_jpegs(groups[i % len(groups)], device)
+    sync(device)
+    return CEILING_REPEATS * batch_size / (time.perf_counter() - started)
+
+
+def jpeg_and_ceiling_figures(beton, device: torch.device, batch_size: int, capfast_img_s: float) -> str:
+    """Prints the mean stored JPEG size and, on CUDA, the decode ceiling; returns their key=value fields."""
+    mean_bytes = mean_jpeg_bytes(beton)
+    click.echo(f"stored JPEGs: mean {mean_bytes / 1024:.1f} KB ({mean_bytes:,.0f} bytes)")
+    ceiling = fraction = float("nan")
+    if device.type == "cuda":
+        ceiling = decode_ceiling(beton, device, batch_size)
+        fraction = capfast_img_s / ceiling
+        click.echo(f"decode ceiling: one batched decode_jpegs of {batch_size} images: {ceiling:.1f} img/s; "
+                   f"the loader reaches {fraction:.2f} of it")
+    return f"mean_jpeg_kb={mean_bytes / 1024:.1f} ceiling_img_s={ceiling:.1f} ceiling_fraction={fraction:.2f}"
+
+
 @click.command()
 @click.option("--data", "beton", required=True, type=click.Path(dir_okay=False), help="A .beton from capfast convert.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--workers", type=int, default=None, help="ffcv threads and DataLoader workers [default: all cores].")
 @click.option("--batches", default=20, show_default=True, type=int, help="Timed batches, after 3 warm-up batches.")
+@click.option("--prefetch", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Batches the loader's producer thread prepares ahead (0: none, the synchronous path).")
 @click.option("--image-size", default=224, show_default=True, type=int, help="Crop size.")
 @click.option("--baseline", type=click.Choice(["pil", "ffcv", "all"]), default=None, is_flag=False, flag_value="pil",
               help="Also time, in the same run: pil = torch DataLoader + PIL decode (plain --baseline), ffcv = "
                    "ffcv's own RandomResizedCrop pipeline, all = both.")
-def command(beton, device, batch_size, workers, batches, image_size, baseline):
+def command(beton, device, batch_size, workers, batches, prefetch, image_size, baseline):
     """Loader throughput (img/s) on the training path: decode, random-resized crop, normalize, on the device."""
     if min(batch_size, batches, image_size) < 1 or (workers is not None and workers < 1):
         raise CapfastError("--batch-size, --batches, --image-size and --workers must be >= 1")
@@ -163,20 +220,22 @@ def command(beton, device, batch_size, workers, batches, image_size, baseline):
 
     device = torch.device(device)
     workers = resolve_workers(workers)
-    capfast_img_s = run_capfast(beton, device, batch_size, workers, batches, image_size)
-    click.echo(f"capfast loader ({device.type}, {workers} workers, batch {batch_size}, {image_size} px): "
-               f"{capfast_img_s:.1f} img/s")
+    capfast_run = run_capfast(beton, device, batch_size, workers, batches, image_size, prefetch)
+    capfast_img_s = capfast_run.img_s
+    click.echo(f"capfast loader ({device.type}, {workers} workers, batch {batch_size}, {image_size} px, "
+               f"prefetch {prefetch}): {capfast_img_s:.1f} img/s, {capfast_run.cores:.2f} cores busy")
+    jpeg_fields = jpeg_and_ceiling_figures(beton, device, batch_size, capfast_img_s)
     baseline_img_s = ratio = ffcv_img_s = ffcv_ratio = float("nan")
     if baseline in ("pil", "all"):
-        baseline_img_s = run_baseline(beton, device, batch_size, workers, batches, image_size)
+        baseline_img_s = run_baseline(beton, device, batch_size, workers, batches, image_size).img_s
         ratio = capfast_img_s / baseline_img_s
         click.echo(f"baseline torch DataLoader + PIL ({workers} workers): {baseline_img_s:.1f} img/s")
         click.echo(f"speedup: {ratio:.2f}x")
     if baseline in ("ffcv", "all"):
-        ffcv_img_s = run_ffcv(beton, device, batch_size, workers, batches, image_size)
-        ffcv_ratio = capfast_img_s / ffcv_img_s
+        ffcv_run = run_ffcv(beton, device, batch_size, workers, batches, image_size)
+        ffcv_img_s, ffcv_ratio = ffcv_run.img_s, capfast_img_s / ffcv_run.img_s
         click.echo(f"baseline ffcv RandomResizedCropRGBImageDecoder -> ToTensor -> ToTorchImage ({workers} threads, "
-                   f"uint8, not normalized): {ffcv_img_s:.1f} img/s")
+                   f"uint8, not normalized): {ffcv_img_s:.1f} img/s, {ffcv_run.cores:.2f} cores busy")
         click.echo(f"capfast / ffcv: {ffcv_ratio:.2f}x")
     click.echo(f"capfast_img_s={capfast_img_s:.1f} baseline_img_s={baseline_img_s:.1f} ratio={ratio:.2f} "
-               f"ffcv_img_s={ffcv_img_s:.1f} ffcv_ratio={ffcv_ratio:.2f}")
+               f"ffcv_img_s={ffcv_img_s:.1f} ffcv_ratio={ffcv_ratio:.2f} {jpeg_fields}")

@@ -3,8 +3,8 @@
 ffcv's own image decoders either need one image size (Simple) or crop with an unseeded numba RNG
 (RandomResizedCrop), and none normalizes. On the CPU, CropResizeDecoder does all of an image's work (decode,
 seeded crop, resize, jitter, normalize) in ffcv's parallel stage, with boxes the loader draws per batch. The GPU
-path crops in torch, so its decoders only read: the stored JPEG bytes (for nvJPEG) and each image's (height,
-width, nbytes) so torch knows where the real bytes end in the padded buffers.
+path crops in torch, so its decoders only read: the stored JPEG bytes, packed (for nvJPEG), and each image's
+(height, width, nbytes) so torch knows where the real bytes end in the packed buffer.
 """
 
 import sys
@@ -27,7 +27,8 @@ NO_JITTER = -1.0  # a brightness factor below 0 tells resize_cpu to skip the col
 
 
 class JpegBytesDecoder(Operation):
-    """Each sample's JPEG bytes, copied into a [max_bytes] uint8 row (tail left as garbage)."""
+    """The batch's JPEG bytes stored back to back from the start of its [B, max_bytes] uint8 buffer, in batch
+    order, so that the consumer cuts them apart with one torch.split (sizes: ImageInfoDecoder's nbytes)."""
 
     def __init__(self, max_bytes: int):
         super().__init__()
@@ -43,10 +44,15 @@ class JpegBytesDecoder(Operation):
         my_range = Compiler.get_iterator()
 
         def decode(batch_indices, destination, metadata, storage_state):
-            for i in my_range(len(batch_indices)):
+            n = len(batch_indices)
+            packed = destination.reshape(-1)  # n rows of max_bytes: room for any n JPEGs
+            ends = np.zeros(n + 1, dtype=np.int64)
+            for i in range(n):
+                ends[i + 1] = ends[i] + mem_read(metadata[batch_indices[i]]["data_ptr"], storage_state).size
+            for i in my_range(n):
                 data = mem_read(metadata[batch_indices[i]]["data_ptr"], storage_state)
-                copy(data, destination[i])
-            return destination[: len(batch_indices)]
+                copy(data, packed[ends[i]:ends[i + 1]])
+            return destination[:n]
 
         decode.is_parallel = True
         return decode
@@ -81,9 +87,11 @@ class CropResizeDecoder(Operation):
         rows = self.metadata[records]
         return np.stack([rows["height"], rows["width"]], axis=1).astype(np.int64)
 
-    def epoch_buffers(self, batch_size: int) -> "StageBuffers":
-        """Buffers for one epoch iterator's batches (two epochs may run at once, so none are shared)."""
-        return StageBuffers((batch_size, self.size, self.size, 3), self.dtype, batch_size * self.max_pixels * 3)
+    def epoch_buffers(self, batch_size: int, alive: int) -> "StageBuffers":
+        """Buffers for one epoch iterator's batches (two epochs may run at once, so none are shared); `alive`:
+        how many of its batches the loader may hold at once (more get arrays of their own)."""
+        return StageBuffers((batch_size, self.size, self.size, 3), self.dtype, batch_size * self.max_pixels * 3,
+                            alive)
 
     def batch_memory(self, boxes: np.ndarray, factors, buffers: "StageBuffers") -> tuple:
         """(output, decode scratch, boxes, factors): the decode function's memory for one batch of len(boxes)."""
@@ -120,10 +128,8 @@ class StageBuffers:
     but this pool references it (the consumer has dropped its batch): a fresh array per batch would page-fault
     every 4 KB of it, which cost a third as much as the resize itself."""
 
-    POOL = 8  # more batches than this alive at once get arrays of their own
-
-    def __init__(self, output_shape: tuple, dtype: np.dtype, scratch_bytes: int):
-        self.output_shape, self.dtype = output_shape, dtype
+    def __init__(self, output_shape: tuple, dtype: np.dtype, scratch_bytes: int, pool_size: int):
+        self.output_shape, self.dtype, self.pool_size = output_shape, dtype, pool_size
         self.scratch = np.empty(scratch_bytes, UINT8)
         self.pool = []
 
@@ -132,7 +138,7 @@ class StageBuffers:
             if sys.getrefcount(array) == 3:  # the pool's list, `array`, getrefcount's argument
                 return array[:n]
         array = np.empty(self.output_shape, self.dtype)
-        if len(self.pool) < self.POOL:
+        if len(self.pool) < self.pool_size:
             self.pool.append(array)
         return array[:n]
 
@@ -160,7 +166,9 @@ class ImageInfoDecoder(Operation):
 
 class GuardedEpochIterator(EpochIterator):
     """ffcv's epoch iterator over an explicit order, except that an error in its worker thread is raised in the
-    consumer (ffcv's own leaves the consumer blocked on the queue forever), and close() releases the thread.
+    consumer (ffcv's own leaves the consumer blocked on the queue forever), and close() stops the thread after
+    the batch it is reading (ffcv's own reads on to the end of the epoch once its queue has room) and waits for it
+    and for the process cache's page readers (os_cache=False).
 
     batch_memory: {operation: memory_for(batch number in this iterator, record indices) -> tuple of arrays}: the
     operation's memory for each batch, in place of ffcv's per-slot buffers (see CropResizeDecoder); called on
@@ -175,6 +183,8 @@ class GuardedEpochIterator(EpochIterator):
         super().__init__(loader, order)  # starts the thread
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if self.terminate_event.is_set():
+            raise _Stopped
         allocations = self.memory_allocations["operation"]
         for node_id, memory_for in self._batch_memory.items():
             allocations[node_id] = tuple(_EverySlot(a) for a in memory_for(b_ix, batch_indices))
@@ -183,6 +193,8 @@ class GuardedEpochIterator(EpochIterator):
     def run(self):
         try:
             super().run()
+        except _Stopped:
+            pass
         except Exception as error:  # re-raised in __next__, in the consumer's thread
             self._put(_Failure(error))
 
@@ -210,12 +222,16 @@ class GuardedEpochIterator(EpochIterator):
         if self._closed:
             return
         self._closed = True
-        super().close()
-        # Wait for the thread to end: a process that exits while it runs a numba parallel loop aborts.
+        self.terminate_event.set()
+        # Wait for the thread to end: a process that exits while it runs a numba parallel loop aborts, and the
+        # memory context below must outlive the thread's reads.
         deadline = time.monotonic() + 30
         while self.is_alive() and time.monotonic() < deadline:
             self._drain()
             self.join(timeout=0.05)
+        super().close()
+        for reader in getattr(getattr(self.memory_context, "executor", None), "threads", ()):
+            reader.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _drain(self) -> None:
         """ffcv's thread ends an epoch with an unbounded put(None): when the consumer stopped early with the
@@ -235,6 +251,10 @@ class _EverySlot:
 
     def __getitem__(self, slot) -> np.ndarray:
         return self.array
+
+
+class _Stopped(Exception):
+    """Raised on ffcv's thread before it reads another batch once close() was called."""
 
 
 class _Failure:

@@ -21,6 +21,7 @@ class DataConfig:
     os_cache: bool = True
     crop_scale: tuple = (0.35, 1.0)
     color_jitter: float = 0.0
+    prefetch: int = 3             # batches a producer thread prepares ahead of training, >= 0 (0 = none: synchronous)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at every epoch end
     log_every: int = 1
+    progress_seconds: float = 30.0  # >= 0; stdout not a terminal: a progress line at most this often; 0 = every step
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
