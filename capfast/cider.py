@@ -5,8 +5,8 @@ tf-idf vectors with idf = log(#images) - log(max(1, df)), per n the cosine of th
 vector with the candidate's weights clipped by the reference's (sum min(c, r) * r), a Gaussian length penalty
 exp(-delta^2 / (2 * 6^2)), the mean over n, the mean over references, x10. Two things differ from scoring with
 pycocoevalcap's Cider on the batch: the document frequencies come from a fixed corpus (the training references,
-as self-critical.pytorch's CiderD does), and the text is ids. Quirks kept: "length" is pycocoevalcap's count of
-bigrams (words - 1, at least 0), and a candidate scores at most 10 (identical to every reference, >= 4 words).
+as self-critical.pytorch's CiderD does), and the text is ids. A candidate scores at most 10: each n's clipped
+cosine and the penalty are at most 1 (10 exactly when it equals every reference and has >= 4 words).
 
 Ids: references are mapped word by word to the vocabulary's ids; a word outside the vocabulary (or one spelled
 like a special token) gets its own id >= len(vocab), so it still counts in the reference's length, n-grams and
@@ -115,7 +115,8 @@ def encode_references(references: dict, words) -> tuple:
 def build_tables(image_ids: np.ndarray, captions: list, refs_per_image: np.ndarray) -> dict:
     """The corpus as sorted arrays: every distinct n-gram (`keys`) with its document frequency (`df`: images whose
     references contain it), and per reference caption its distinct n-grams (indices into `keys`, ascending) with
-    their counts, in CSR form (`ref_ptr`); `ref_len2` is pycocoevalcap's length (bigram count)."""
+    their counts, in CSR form (`ref_ptr`); `ref_len2` is pycocoevalcap's "length", a count of bigrams (the
+    penalty's delta equals the difference in words wherever the score is not 0 anyway)."""
     lengths = np.fromiter(map(len, captions), dtype=np.int64, count=len(captions))
     flat = np.fromiter((t for c in captions for t in c), dtype=np.uint64, count=int(lengths.sum()))
     keys, caption_of_key = _all_ngrams(flat, lengths)
