@@ -123,3 +123,12 @@ def test_unknown_image_ids_are_an_error():
     reward = CiderD.from_token_lists({7: [["w1", "w2"]]}, WORDS)
     with pytest.raises(CapfastError, match="image id 8 has no reference"):
         reward.score(np.array([[5, 2]]), [8], EOS)
+
+
+def test_bench_reward_agrees_with_its_plain_baseline(capfast_cli):
+    result = capfast_cli("bench", "reward", "--images", 300, "--captions", 1280, "--baseline-captions", 200)
+    assert result.code == 0, result.stderr
+    last = dict(item.split("=") for item in result.stdout.strip().splitlines()[-1].split())
+    assert set(last) == {"captions_per_s_per_core", "baseline_captions_per_s_per_core", "ratio",
+                         "wall_captions_per_s"}
+    assert float(last["captions_per_s_per_core"]) > 0

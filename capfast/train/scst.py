@@ -25,6 +25,7 @@ from capfast.errors import CapfastError
 from capfast.sampling import sample_captions
 from capfast.train.precision import autocast_context
 
+OBJECTIVES = ("xe", "scst")
 BASELINES = ("mean", "greedy")
 MIN_LEN = 1  # no empty captions
 
@@ -161,11 +162,15 @@ class SelfCritical:
         return stats
 
 
-def build(cfg, data_dir, vocab, dist, amp_dtype) -> SelfCritical:
-    """The objective for a run, with the reward tables of its training references (built by rank 0 first when
-    they are not cached yet, so the other ranks read its cache)."""
+def build(cfg, data_dir, vocab, dist, amp_dtype) -> SelfCritical | None:
+    """The SCST objective of a run (None for cross-entropy), with the reward tables of its training references
+    (built by rank 0 first when they are not cached yet, so the other ranks read its cache)."""
     from capfast.train.reward import load_reward, require_references
 
+    if cfg.objective not in OBJECTIVES:
+        raise CapfastError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.objective == "xe":
+        return None
     check_config(cfg)
     require_references(data_dir, cfg.data.train_split)  # on every rank, before any waits for rank 0
     if dist.enabled and not dist.is_main:

@@ -56,8 +56,7 @@ class Trainer:
                                      load_encoder_weights=not resume and weights is None).to(self.device)
         if weights is not None:
             self.model.load_state_dict(weights)
-        self.scst = scst.build(cfg, self.data_dir, self.vocab, self.dist, self.amp_dtype) \
-            if cfg.objective == "scst" else None
+        self.scst = scst.build(cfg, self.data_dir, self.vocab, self.dist, self.amp_dtype)  # None for "xe"
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
