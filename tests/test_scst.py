@@ -1,6 +1,7 @@
 """Self-critical training: sampling, the loss's distribution, a short run with its scalars and resume, bad input."""
 
 import contextlib
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_loss_differentiates_the_distribution_the_samples_came_from():
     """log p(sample) of the teacher-forced pass = the sum of the sampler's step log-probabilities (pad and bos
     banned, eos banned at the first step, temperature applied)."""
     from capfast.decoding import constrain
-    from capfast.train.scst import ScstBatch, SelfCritical
+    from capfast.train.scst import SelfCritical
 
     model = tiny_model("transformer")
     images = torch.randn(2, 3, 32, 32)
@@ -79,8 +80,7 @@ def test_loss_differentiates_the_distribution_the_samples_came_from():
     cfg = load_config(None, [f"scst.temperature={temperature}"])
     objective = SelfCritical(cfg, reward=None, rank=0, amp_dtype=None)
     captions = torch.cat([torch.full((2, 4, 1), model.bos_id), tokens], dim=2)
-    batch = ScstBatch(images, captions, advantages=-torch.ones(2, 4))
-    got = objective.loss_sum(model(images, captions), batch)
+    got = objective.policy_loss_sum(model(images, captions), captions, advantages=-torch.ones(2, 4))
     torch.testing.assert_close(got, want.sum(), rtol=1e-5, atol=1e-5)
     assert objective.pop_stats()["scst/entropy"] > 0
 
@@ -133,8 +133,8 @@ def test_scst_gradient_is_a_mean_over_all_samples_of_the_step(converted, xe_chec
         batch = next(epoch)
     trainer.model.eval()
     whole = trainer.scst.prepare(trainer.model, batch, step=0, micro=0)
-    assert whole.advantages.abs().sum() > 0
-    count = torch.tensor(float(whole.advantages.numel()))
+    assert trainer.scst.advantages(whole).abs().sum() > 0
+    count = torch.tensor(float(whole.captions.shape[0] * whole.captions.shape[1]))
 
     def gradients(parts):
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -143,7 +143,7 @@ def test_scst_gradient_is_a_mean_over_all_samples_of_the_step(converted, xe_chec
         return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
     one = gradients([whole])
-    halves = gradients([ScstBatch(*(t[s] for t in (whole.images, whole.captions, whole.advantages)))
+    halves = gradients([ScstBatch(*(getattr(whole, f.name)[s] for f in dataclasses.fields(ScstBatch)))
                         for s in (slice(0, 4), slice(4, 8))])
     assert one
     for name, grad in one.items():

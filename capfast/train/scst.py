@@ -1,9 +1,10 @@
 """Self-critical sequence training (Rennie et al. 2017): the objective the Trainer runs when objective = "scst".
 
-A step: per image, K captions are sampled from the model (no gradient, KV cache) and scored with CIDEr-D against
-that image's references on the CPU; the baseline is the greedy caption's reward or the mean reward of the
-image's other K-1 samples. Then one teacher-forced forward pass over the samples gives log p(sample) with a
-gradient, through the same (DDP-wrapped, maybe compiled) forward as cross-entropy, and
+A step: per image, K captions are sampled from the model (no gradient, KV cache). One teacher-forced forward
+pass over the samples gives log p(sample) with a gradient, through the same (DDP-wrapped, maybe compiled)
+forward as cross-entropy; while the device runs it, the host scores the samples with CIDEr-D against their
+image's references. The baseline is the greedy caption's reward or the mean reward of the image's other K-1
+samples, and
 
     loss = -(1 / #samples) * sum over samples of (reward - baseline) * sum over its tokens of log p(token),
 
@@ -33,8 +34,9 @@ MIN_LEN = 1  # no empty captions
 @dataclass
 class ScstBatch:
     images: torch.Tensor      # [B, 3, H, W] as the loader gave them
-    captions: torch.Tensor    # [B, K, max_len + 1]: bos + sampled tokens, pad after eos
-    advantages: torch.Tensor  # [B, K] float32: reward - baseline
+    captions: torch.Tensor    # [B, K, max_len + 1]: bos + sampled tokens, pad after eos (on the device)
+    rows: np.ndarray          # [B, G + K, max_len]: the same tokens on the host, the greedy caption first if G = 1
+    image_ids: np.ndarray     # [B]
 
 
 def check_config(cfg) -> None:
@@ -63,7 +65,7 @@ class SelfCritical:
         self._bans = {}
         self._reset_stats()
 
-    # ---- before the forward pass: samples, rewards, advantages (no gradient) ---------------------------
+    # ---- before the forward pass: samples (no gradient) -------------------------------------------------
 
     def prepare(self, model, batch, step: int, micro: int) -> ScstBatch:
         images = batch.images
@@ -73,13 +75,20 @@ class SelfCritical:
                                      greedy=self.cfg.baseline == "greedy",
                                      generator=self._generator(images.device, step, micro))
         greedy = int(self.cfg.baseline == "greedy")
-        host = tokens.cpu().numpy()
-        rewards = self._rewards(host, batch.image_ids.cpu().numpy())
-        advantages, baselines = self._advantages(rewards)
-        self._add_stats(rewards[:, greedy:], baselines, advantages, host[:, greedy:])
         bos = torch.full((*tokens.shape[:2], 1), self.bos_id, dtype=tokens.dtype, device=tokens.device)
         captions = torch.cat([bos, tokens], dim=2)[:, greedy:]
-        return ScstBatch(images, captions, torch.from_numpy(advantages).float().to(images.device))
+        return ScstBatch(images, captions, tokens.cpu().numpy(), batch.image_ids.cpu().numpy())
+
+    # ---- while the device runs the forward pass: rewards on the host -----------------------------------------
+
+    def advantages(self, batch: ScstBatch) -> torch.Tensor:
+        """[B, K] reward - baseline, on the device. Called after the forward pass is queued, so the reward's CPU
+        time overlaps the GPU's work instead of adding to it."""
+        greedy = int(self.cfg.baseline == "greedy")
+        rewards = self._rewards(batch.rows, batch.image_ids)
+        advantages, baselines = self._advantages(rewards)
+        self._add_stats(rewards[:, greedy:], baselines, advantages, batch.rows[:, greedy:])
+        return torch.from_numpy(advantages).float().to(batch.captions.device)
 
     def _rewards(self, tokens: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
         B, rows, T = tokens.shape
@@ -105,11 +114,15 @@ class SelfCritical:
         seed = np.random.SeedSequence([self.seed, step, self.rank, micro]).generate_state(1)[0]
         return self._generators[device].manual_seed(int(seed))
 
-    # ---- after the forward pass: the loss -----------------------------------------------------------------
+    # ---- the loss --------------------------------------------------------------------------------------------
 
     def loss_sum(self, logits: torch.Tensor, batch: ScstBatch) -> torch.Tensor:
-        """logits [B, K, T, V] of the teacher-forced samples -> -sum of advantage * log p(sample)."""
-        tokens = batch.captions[..., 1:]
+        """logits [B, K, T, V] of the teacher-forced samples (maybe still being computed) -> the batch's loss sum."""
+        return self.policy_loss_sum(logits, batch.captions, self.advantages(batch))
+
+    def policy_loss_sum(self, logits: torch.Tensor, captions: torch.Tensor, advantages: torch.Tensor):
+        """-sum over samples of advantage * log p(sample), log p under the sampler's rules (temperature, bans)."""
+        tokens = captions[..., 1:]
         mask = tokens != self.pad_id
         logits = logits.float() / self.cfg.temperature + self._ban(*logits.shape[-2:], logits.device)
         logprobs = logits.log_softmax(dim=-1)
@@ -119,7 +132,7 @@ class SelfCritical:
             entropy = torch.special.entr(logprobs.exp()).sum(dim=-1)
             self.stats["entropy_sum"] += (entropy * mask).sum()
             self.stats["tokens"] += mask.sum()
-        return -(batch.advantages * sequence_logprob).sum()
+        return -(advantages * sequence_logprob).sum()
 
     def _ban(self, T: int, V: int, device) -> torch.Tensor:
         """[T, V]: -inf where the sampler could not draw (pad, bos; eos before MIN_LEN), else 0."""

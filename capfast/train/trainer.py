@@ -182,7 +182,7 @@ class Trainer:
     def _loss_units(self, batch) -> torch.Tensor:
         """What the loss is a mean of: caption tokens (cross-entropy) or sampled captions (SCST)."""
         if self.scst is not None:
-            return torch.tensor(batch.advantages.numel(), device=self.device)
+            return torch.tensor(batch.captions.shape[0] * batch.captions.shape[1], device=self.device)
         return (batch.captions[..., 1:] != self.vocab.pad_id).sum()
 
     def _forward_backward(self, batch, global_units: torch.Tensor) -> torch.Tensor:
@@ -190,7 +190,7 @@ class Trainer:
         with autocast_context(self.device, self.amp_dtype):
             logits = self.train_model(batch.images, batch.captions)
         if self.scst is not None:
-            loss_sum = self.scst.loss_sum(logits, batch)
+            loss_sum = self.scst.loss_sum(logits, batch)  # scores the samples on the host meanwhile
         else:
             loss_sum = F.cross_entropy(logits.float().flatten(0, -2), batch.captions[..., 1:].flatten(),
                                        ignore_index=self.vocab.pad_id, reduction="sum",
