@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import torch
 
-from capfast import schema
+from capfast import progress, schema
 from capfast.errors import CapfastError
 
 @dataclass
@@ -24,13 +24,13 @@ class Report:
 
 @torch.inference_mode()
 def decode_split(model, loader, vocab, *, beam_size=3, max_len=20, max_images=0, amp_dtype=None,
-                 keep_samples=4) -> Report:
+                 keep_samples=4, progress_seconds=progress.DEFAULT_SECONDS) -> Report:
     """This rank's captions for its shard of the loader's split."""
     model.eval()
     report = Report()
     batches = loader.epoch(0)
     with contextlib.closing(batches):  # stopping early must also stop ffcv's prefetch thread
-        for batch in batches:
+        for batch in progress.track(batches, len(loader), "val", "batch", progress_seconds):
             captions = caption_batch(model, batch.images, vocab, beam_size, max_len, amp_dtype)
             report.results.update(zip(batch.image_ids.tolist(), captions))
             take = keep_samples - len(report.sample_images)
@@ -52,11 +52,11 @@ def caption_batch(model, images: torch.Tensor, vocab, beam_size: int, max_len: i
     return [vocab.decode(row) for row in tokens.tolist()]
 
 
-def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_len=20, max_images=0,
-                   amp_dtype=None, ptb_java=False, meteor="auto") -> Report:
+def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_len=20, max_images=0, amp_dtype=None,
+                   ptb_java=False, meteor="auto", progress_seconds=progress.DEFAULT_SECONDS) -> Report:
     """Decodes on every rank, gathers on rank 0 and scores there (other ranks get empty metrics)."""
     report = decode_split(model, loader, vocab, beam_size=beam_size, max_len=max_len,
-                          max_images=max_images, amp_dtype=amp_dtype)
+                          max_images=max_images, amp_dtype=amp_dtype, progress_seconds=progress_seconds)
     report.results = _gather_results(report.results)
     if report.results is None:
         return Report()

@@ -188,4 +188,8 @@ def test_nproc_launches_ddp_processes(converted, tmp_path, tb_scalars):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "last.pt").is_file()
-    assert sorted(tb_scalars(tmp_path / "run")["train/loss"]) == [1, 2, 3, 4]  # global batch 8: 4 steps
+    scalars = tb_scalars(tmp_path / "run")
+    assert sorted(scalars["train/loss"]) == [1, 2, 3, 4]  # global batch 8: 4 steps
+    slowest, rank0 = scalars["perf/data_wait_slowest_ms"], scalars["perf/data_wait_ms"]
+    # the slowest rank's wait is all-reduced as float32, rank 0's own is a float64
+    assert sorted(slowest) == [1, 2, 3, 4] and all(slowest[s] >= rank0[s] * (1 - 1e-6) for s in rank0)

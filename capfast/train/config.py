@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at every epoch end
     log_every: int = 1
+    progress_seconds: float = 30.0  # >= 0; stdout not a terminal: a progress line at most this often; 0 = every step
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "scst": ScstConfig}

@@ -21,14 +21,14 @@ from capfast import checkpoint, schema
 from capfast.data import build_loader
 from capfast.errors import CapfastError
 from capfast.models import build_captioner
-from capfast.train import distributed
+from capfast.train import distributed, scst
 from capfast.train.config import TrainConfig, to_dict
-from capfast.train import scst
 from capfast.train.data_check import check_data_dir
 from capfast.train.init_from import initial_weights
 from capfast.train.monitor import Monitor
 from capfast.train.optim import build_optimizer, lr_factor, set_lr
 from capfast.train.precision import autocast_context, resolve_device, resolve_precision
+from capfast.train.step_log import StepLog
 
 
 class Trainer:
@@ -77,6 +77,7 @@ class Trainer:
         self.encoder_trainable = None
         self.train_model = None
         self.val_loader = None
+        self.step_log = StepLog(self.device)
 
     # ---- setup helpers -------------------------------------------------------------------------------
 
@@ -110,7 +111,8 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------
 
     def train(self) -> dict:
-        monitor = Monitor(self.out_dir / "tb", self.dist.is_main, self.stop_step, self.step)
+        monitor = Monitor(self.out_dir / "tb", self.dist.is_main, self.cfg, self.stop_step, self.step)
+        succeeded = False
         try:
             while self.epoch < self.cfg.epochs and not self._done():
                 self._set_encoder_trainable(self.epoch)
@@ -120,8 +122,9 @@ class Trainer:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self._validate_if_due(monitor)
                 self._save("last.pt")
+            succeeded = True
         finally:
-            monitor.close()
+            monitor.close(succeeded)
         return {"step": self.step, "epoch": self.epoch, "best_cider": self.best_cider}
 
     def _done(self) -> bool:
@@ -129,39 +132,45 @@ class Trainer:
 
     def _train_epoch(self, monitor: Monitor) -> None:
         accum = self.cfg.optim.grad_accum
-        wanted = self.steps_per_epoch * accum - self.batch_in_epoch  # micro-batches that fill whole steps
+        steps = self.steps_per_epoch - self.batch_in_epoch // accum  # batch_in_epoch counts whole steps
         epoch = self.train_loader.epoch(self.epoch, skip_batches=self.batch_in_epoch)
         with contextlib.closing(epoch):
-            micro, data_wait = [], 0.0
-            step_begin = fetch_begin = time.perf_counter()
-            for batch in itertools.islice(epoch, wanted):
-                data_wait += time.perf_counter() - fetch_begin
-                micro.append(batch)
-                if len(micro) == accum:
-                    stats = self._optimizer_step(micro)
-                    self.batch_in_epoch += accum
-                    stats.update(step_time=time.perf_counter() - step_begin, data_wait=data_wait)
-                    self._after_step(monitor, stats)
-                    if self._done():
-                        break
-                    micro, data_wait = [], 0.0
-                    step_begin = time.perf_counter()
-                fetch_begin = time.perf_counter()
+            self._run_steps(epoch, steps, monitor)
+        monitor.steps(self.step_log.drain())
+        monitor.epoch_done(self.epoch)
+
+    def _run_steps(self, batches, steps: int, monitor: Monitor) -> None:
+        """Up to `steps` optimizer steps on the iterator `batches`. Nothing here waits for the GPU but the
+        StepLog's bounded lag (see step_log.py); the loss and timings reach `monitor` a step or two late."""
+        accum = self.cfg.optim.grad_accum
+        for _ in range(steps):
+            start = self.step_log.mark()
+            ready_batches = getattr(batches, "ready_batches", None)  # the loader's prepared batches, if it says
+            fetch_begin = time.perf_counter()
+            micro = list(itertools.islice(batches, accum))
+            data_wait = time.perf_counter() - fetch_begin
+            if len(micro) < accum:
+                return
+            stats = self._optimizer_step(micro)
+            self.batch_in_epoch += accum
+            self._after_step(monitor, {**stats, "data_wait": data_wait, "ready_batches": ready_batches}, start)
+            if self._done():
+                return
 
     def _optimizer_step(self, micro_batches: list) -> dict:
+        """One optimizer step, queued on the device without waiting for it: the returned loss is a device tensor."""
         factor = lr_factor(self.step, self.total_steps, self.cfg.optim.warmup_steps, self.cfg.optim.min_lr_ratio)
         set_lr(self.optimizer, factor)
         loss = self._accumulate_gradients(micro_batches)
         if self.cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)  # no-ops unless fp16 (whose GradScaler.step reads found_inf)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         images = sum(b.images.shape[0] for b in micro_batches) * self.dist.world_size
-        # .item() waits for the step to finish, so step times are real; the loader prefetches meanwhile.
-        return {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"], "images": images,
+        return {"loss": loss.detach(), "lr": self.optimizer.param_groups[0]["lr"], "images": images,
                 **(self.scst.pop_stats() if self.scst else {})}
 
     def _accumulate_gradients(self, micro_batches: list) -> torch.Tensor:
@@ -206,19 +215,27 @@ class Trainer:
             return contextlib.nullcontext()
         return model.no_sync()
 
-    def _after_step(self, monitor: Monitor, stats: dict) -> None:
-        images_per_sec = stats["images"] / stats["step_time"]
-        if self.step % self.cfg.log_every == 0 or self.step == 1:
-            values = {"train/loss": stats["loss"], "train/lr": stats["lr"],
-                      "perf/images_per_sec": images_per_sec, "perf/step_time_ms": stats["step_time"] * 1e3,
-                      "perf/data_wait_ms": stats["data_wait"] * 1e3}
-            values.update({k: v for k, v in stats.items() if k.startswith("scst/")})
-            if self.device.type == "cuda":
-                values["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            monitor.scalars(self.step, values)
-        monitor.step_done(stats["loss"], images_per_sec)
+    def _after_step(self, monitor: Monitor, stats: dict, start) -> None:
+        self._push_step_stats(stats, start)
+        monitor.steps(self.step_log.ready())
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self._done():
+            monitor.steps(self.step_log.drain())  # TensorBoard holds every step up to the checkpoint
+            monitor.flush()
             self._save("last.pt")
+
+    def _push_step_stats(self, stats: dict, start) -> None:
+        host = {"step": self.step, "epoch": self.epoch, "lr": stats["lr"], "images": stats["images"],
+                "data_wait": stats["data_wait"], "ready_batches": stats["ready_batches"]}
+        if self.device.type == "cuda":
+            host["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # allocator's host counter
+        on_device = {"loss": stats["loss"]}
+        for name, value in stats.items():  # the objective's own scalars (scst/...): host numbers or device tensors
+            if name.startswith("scst/"):
+                (on_device if torch.is_tensor(value) else host)[name] = value
+        if self.dist.enabled:  # torch.full passes the value as a kernel argument: no host-to-device copy to wait on
+            wait = torch.full((), stats["data_wait"], dtype=torch.float32, device=self.device)
+            on_device["data_wait_slowest"] = distributed.all_reduce_max(wait)
+        self.step_log.push(start, host, on_device)
 
     # ---- validation ----------------------------------------------------------------------------------
 
@@ -235,7 +252,8 @@ class Trainer:
         refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
         report = evaluate_model(self.model, loader, self.vocab, refs, beam_size=self.cfg.eval.beam_size,
                                 max_len=self.cfg.eval.max_len, max_images=self.cfg.eval.max_images,
-                                amp_dtype=self.amp_dtype, meteor=False)  # METEOR's JVM costs ~10 s a call
+                                amp_dtype=self.amp_dtype, meteor=False,  # METEOR's JVM costs ~10 s a call
+                                progress_seconds=self.cfg.progress_seconds)
         self.model.train()
         self.model.set_encoder_trainable(bool(self.encoder_trainable))
         if not self.dist.is_main:
@@ -243,10 +261,12 @@ class Trainer:
         monitor.scalars(self.step, {f"val/{k}": v for k, v in report.metrics.items()})
         monitor.captions(self.step, report.sample_images[:self.cfg.eval.log_images],
                          report.sample_captions[:self.cfg.eval.log_images])
-        monitor.write(f"epoch {self.epoch}: " + "  ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
+        monitor.write(f"epoch {self.epoch}/{self.cfg.epochs} val: "
+                      + "  ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
         cider = report.metrics.get("CIDEr", -math.inf)
         if cider > self.best_cider:
             self.best_cider = cider
+            monitor.scalars(self.step, {f"best/{k}": v for k, v in report.metrics.items()})
             self._save("best.pt")
 
     # ---- checkpoints ---------------------------------------------------------------------------------
