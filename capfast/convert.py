@@ -1,29 +1,36 @@
 """`capfast convert`: COCO / Karpathy / folder+JSONL captions -> OUT/NAME.beton + refs + vocab.json + meta.json.
 
-The output layout is defined in capfast/schema.py. Records are sorted by image id, so the result does not depend
-on --workers. Images are validated and resized before ffcv sees them (capfast/beton_writer.py).
+The output layout is defined in capfast/schema.py. One pass per split: worker processes turn each item into its
+stored values (capfast/records.py: captions tokenized and encoded; the image decoded, validated, normalized,
+resized and JPEG-encoded), and this process appends them, in image-id order, to a beton that becomes visible only
+when complete (capfast/beton_writer.py, capfast/io.py). So the output bytes do not depend on --workers, bad
+items never reach the beton, and nothing but the beton itself is written.
 """
 
+import collections
 import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
-import numpy as np
+from tqdm import tqdm
 
 from capfast import schema
-from capfast.beton_writer import ImageSettings, Records, normalization_cache, normalize_images, write_beton
+from capfast.beton_writer import BetonWriter, jpeg_field_class, page_size_for
+from capfast.converters import Item, Problem, Source, read_coco, read_folder, read_karpathy
 from capfast.errors import CapfastError
-from capfast.io import atomic_write_text
-from capfast.text import tokenize
+from capfast.io import atomic_file, atomic_write_text
+from capfast.pool import ordered_map
+from capfast.records import Record, RecordSettings, count_words, encode_item, init_worker, warm_up
 from capfast.vocab import Vocab
-from converters import Item, Problem, Source, read_coco, read_folder, read_karpathy
 
 TRAIN = "train"
 SHOWN_PROBLEMS = 5
+CAPTIONS_PER_COUNT_JOB = 256
 
 
 @dataclass(frozen=True)
@@ -58,13 +65,14 @@ def convert(out, split: str | None = None, *, annotations=None, images=None, kar
     settings.check()
     workers = workers or default_workers()
     source = read_source(split, annotations, images, karpathy, folder, captions)
+    warm_up()  # before any worker process is forked
     out = Path(out)
     for name in source.items:
         if schema.beton_path(out, name).exists() and not overwrite:
             raise CapfastError(f"{schema.beton_path(out, name)} already exists (pass --overwrite to replace it)")
-    words, vocab_is_new = resolve_vocab(out, source, vocab, settings.min_count, karpathy is not None)
+    words, vocab_is_new = resolve_vocab(out, source, vocab, settings.min_count, karpathy is not None, workers)
     prepare_out_dir(out)
-    import ffcv.writer  # noqa: F401  (~5 s of numba compilation; paid before the per-split timing starts)
+    import ffcv.fields  # noqa: F401  (seconds of numba compilation; paid before the per-split timing starts)
 
     results = {}
     for name, items in source.items.items():
@@ -125,7 +133,8 @@ def prepare_out_dir(out: Path) -> None:
 
 # ---- vocabulary -------------------------------------------------------------------------------------------
 
-def resolve_vocab(out: Path, source: Source, vocab_file, min_count: int, karpathy_mode: bool) -> tuple[Vocab, bool]:
+def resolve_vocab(out: Path, source: Source, vocab_file, min_count: int, karpathy_mode: bool,
+                  workers: int) -> tuple[Vocab, bool]:
     """(vocabulary, whether OUT/vocab.json must be written): --vocab FILE; else OUT/vocab.json for non-train
     splits; else built from the train split's tokenized captions."""
     saved = out / schema.VOCAB_FILE
@@ -140,9 +149,18 @@ def resolve_vocab(out: Path, source: Source, vocab_file, min_count: int, karpath
         raise CapfastError(f"no vocabulary for split(s) {', '.join(source.items)}: "
                            "convert the train split first or pass --vocab")
     train_items = source.items[TRAIN] if TRAIN in source.items else train_items_for_vocab(source)
-    vocab = Vocab.build((tokenize(c) for item in train_items for c in item.captions), min_count)
+    vocab = Vocab.from_counts(word_counts([c for item in train_items for c in item.captions], workers), min_count)
     warn_if_vocab_changes(out, vocab, set(source.items))
     return vocab, True
+
+
+def word_counts(captions: list[str], workers: int) -> collections.Counter:
+    """Token counts over all captions, tokenized by the worker processes."""
+    jobs = [captions[i:i + CAPTIONS_PER_COUNT_JOB] for i in range(0, len(captions), CAPTIONS_PER_COUNT_JOB)]
+    total = collections.Counter()
+    for counts in ordered_map(count_words, jobs, workers, chunk_size=1):
+        total.update(counts)
+    return total
 
 
 def train_items_for_vocab(source: Source) -> list[Item]:
@@ -166,56 +184,59 @@ def warn_if_vocab_changes(out: Path, vocab: Vocab, converting: set[str]) -> None
 def convert_split(out: Path, name: str, items: list[Item], source: Source, vocab: Vocab, settings: Settings,
                   workers: int, progress: bool) -> dict:
     started = time.perf_counter()
-    tokens = [[tokenize(c) for c in item.captions] for item in items]
-    items, tokens, problems = drop_wordless_captions(items, tokens, list(source.problems.get(name, [])))
-    image_settings = ImageSettings(settings.image_size, settings.keep_aspect)
-    with normalization_cache(out, len(items), image_settings) as cache:
-        normalized = normalize_images([item.path for item in items], cache, image_settings, workers, progress)
-        problems += [Problem(reason, items[i].image_id, items[i].path.name)
-                     for i, reason in sorted(normalized.failures.items())]
-        good = sorted(normalized.shapes)
-        if not good:
-            raise CapfastError(f"split '{name}': no valid images to write ({len(problems)} skipped; "
-                               f"first: {problems[0].reason if problems else 'no items in the input'})")
-        captions, ncaptions, truncated = encode_captions([tokens[i] for i in good], vocab, settings)
-        image_ids = np.array([items[i].image_id for i in good], dtype=np.int64)
-        records = Records(good, [item.path for item in items], normalized, image_settings, captions, ncaptions,
-                          image_ids)
-        fields = schema.beton_fields(settings.captions_per_image, settings.max_len, settings.quality)
-        write_beton(schema.beton_path(out, name), fields, records, workers)
-    refs = {str(items[i].image_id): items[i].captions for i in good}
+    problems = list(source.problems.get(name, []))
+    written = write_split_beton(schema.beton_path(out, name), items, vocab, settings, workers, progress, problems)
+    refs = {str(item.image_id): item.captions for item in written.items}
     atomic_write_text(schema.refs_path(out, name), json.dumps(refs, ensure_ascii=False))
     elapsed = time.perf_counter() - started
-    report(name, out, len(good), problems, elapsed)
-    return split_meta(source, settings, vocab, refs, int(ncaptions.sum()), truncated, problems, elapsed)
+    report(name, out, len(refs), problems, elapsed)
+    return split_meta(source, settings, vocab, refs, written.captions, written.truncated, problems, elapsed)
 
 
-def drop_wordless_captions(items: list[Item], tokens: list[list[list[str]]], problems: list[Problem]):
-    """Captions with no word tokens ("...") carry nothing to learn; an item left with none is skipped."""
-    kept, kept_tokens = [], []
-    for item, item_tokens in zip(items, tokens):
-        if any(item_tokens):
-            kept.append(item)
-            kept_tokens.append(item_tokens)
-        else:
-            problems.append(Problem("no caption contains a word", item.image_id, item.path.name))
-    return kept, kept_tokens, problems
+@dataclass
+class Written:
+    items: list[Item] = field(default_factory=list)  # in the beton, in its order
+    captions: int = 0  # caption rows stored
+    truncated: int = 0  # of those, captions cut to max_len tokens
 
 
-def encode_captions(tokens: list[list[list[str]]], vocab: Vocab, settings: Settings):
-    """Per record, its captions' tokens -> (captions int32 [N, K, max_len+2], ncaptions int64 [N],
-    count of captions truncated to max_len). Wordless captions are left out of the rows."""
-    k, max_len = settings.captions_per_image, settings.max_len
-    captions = np.full((len(tokens), k, max_len + 2), vocab.pad_id, dtype=np.int32)
-    ncaptions = np.zeros(len(tokens), dtype=np.int64)
-    truncated = 0
-    for n, item_tokens in enumerate(tokens):
-        rows = [t for t in item_tokens if t][:k]
-        for row, words in enumerate(rows):
-            captions[n, row] = vocab.encode(words, max_len)
-            truncated += len(words) > max_len
-        ncaptions[n] = len(rows)
-    return captions, ncaptions, truncated
+def write_split_beton(beton: Path, items: list[Item], vocab: Vocab, settings: Settings, workers: int,
+                      progress: bool, problems: list[Problem]) -> Written:
+    """One pass: the workers' records are appended in item order; skipped items are added to `problems`."""
+    record_settings = RecordSettings(settings.image_size, settings.keep_aspect, settings.quality,
+                                     settings.captions_per_image, settings.max_len)
+    jobs = [(str(item.path), item.captions) for item in items]
+    written = Written()
+    try:
+        with (closing(ordered_map(encode_item, jobs, workers, init_worker, (record_settings, vocab))) as records,
+              atomic_file(beton) as file,
+              tqdm(total=len(items), desc=beton.stem, unit="img", leave=False, disable=not progress) as bar):
+            writer = beton_writer(file, settings, len(items))
+            for item, record in zip(items, records):
+                bar.update()
+                if isinstance(record, Record):
+                    writer.append(record.values(item.image_id))
+                    written.items.append(item)
+                    written.captions += record.ncaptions
+                    written.truncated += record.truncated
+                else:
+                    problems.append(Problem(record, item.image_id, item.path.name))
+            if not written.items:
+                raise CapfastError(f"split '{beton.stem}': no valid images to write ({len(problems)} skipped; "
+                                   f"first: {problems[0].reason if problems else 'no items in the input'})")
+            writer.finish()
+    except OSError as e:  # a full disk, most likely
+        raise CapfastError(f"cannot write {beton}: {e.strerror or e}") from None
+    return written
+
+
+def beton_writer(file, settings: Settings, capacity: int) -> BetonWriter:
+    """The image field takes the JPEG bytes the workers encoded. A page holds at least one record with twice
+    the raw image size (a JPEG of noise at high quality can exceed it)."""
+    fields = {**schema.beton_fields(settings.captions_per_image, settings.max_len),
+              schema.IMAGE: jpeg_field_class()()}
+    largest = 2 * 3 * settings.image_size ** 2 + 4 * settings.captions_per_image * (settings.max_len + 2)
+    return BetonWriter(file, fields, capacity, page_size_for(largest, capacity))
 
 
 def report(name: str, out: Path, written: int, problems: list[Problem], elapsed: float) -> None:

@@ -121,6 +121,11 @@ class BetonContents:
         ptr = int(self.image_meta["data_ptr"][i])
         return self.data[ptr:ptr + self.sizes[ptr]].tobytes()
 
+    def image_nbytes(self) -> np.ndarray:
+        """int64 [records]: the stored JPEG size of every record, in bytes."""
+        ptrs = self.image_meta["data_ptr"].astype(np.int64)
+        return np.array([self.sizes[p] for p in ptrs.tolist()], dtype=np.int64)
+
     def image_size(self, i: int) -> tuple[int, int]:
         return int(self.image_meta["width"][i]), int(self.image_meta["height"][i])
 
@@ -166,6 +171,7 @@ def describe_beton(path, examples: int = 3) -> dict:
         "caption_tokens": stats(caption_lengths(contents)),
         "image_width": stats(contents.image_meta["width"].astype(np.int64)),
         "image_height": stats(contents.image_meta["height"].astype(np.int64)),
+        "jpeg_bytes": stats(contents.image_nbytes()),
         "examples": [example(contents, int(i), vocab) for i in dict.fromkeys(shown.tolist())],
     }
 
@@ -189,6 +195,7 @@ def format_text(info: dict) -> str:
         f"{info['captions_per_image']} rows of {info['max_len']} tokens + bos/eos)",
         f"tokens per caption: {span(info['caption_tokens'])}",
         f"image width: {span(info['image_width'])}, height: {span(info['image_height'])}",
+        f"stored JPEG bytes: {span(info['jpeg_bytes'])}",
     ]
     for ex in info["examples"]:
         lines.append(f"record {ex['record']} (image {ex['image_id']}, {ex['size'][0]}x{ex['size'][1]}):")

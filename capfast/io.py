@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,48 @@ def atomic_path(final: Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path):
+    """Yields a new binary file (read/write, seekable) that becomes `final` only if the block succeeds. On Linux
+    it has no name until then (O_TMPFILE), so not even kill -9 leaves a partial file behind; elsewhere it is a
+    hidden temporary file beside `final` (atomic_path)."""
+    final = Path(final)
+    fd = _unnamed_file_in(final.parent)
+    if fd is None:
+        with atomic_path(final) as tmp, open(tmp, "w+b") as file:
+            yield file
+        return
+    with open(fd, "w+b") as file:
+        yield file
+        file.flush()
+        _link_into_place(fd, final)
+
+
+def _unnamed_file_in(directory: Path) -> int | None:
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o666)  # the umask applies as usual
+    except OSError:  # a filesystem without O_TMPFILE (EOPNOTSUPP, EISDIR on old kernels): use a named file
+        return None
+
+
+def _link_into_place(fd: int, final: Path) -> None:
+    """Gives the unnamed file a temporary name beside `final`, then renames it onto `final` (which, unlike
+    linking, may replace an existing file)."""
+    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+    proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:  # linkat(AT_SYMLINK_FOLLOW); os.link uses it only when given a directory fd
+        os.link(str(fd), tmp, src_dir_fd=proc_fds, follow_symlinks=True)
+    finally:
+        os.close(proc_fds)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -3,6 +3,10 @@
 Each image shows one or two shapes (circle/square/triangle; a few colors; small or large) at a position
 (left/right/top/bottom/center) on a plain or gradient background, with five paraphrased captions naming
 them. Output is deterministic for a given seed (byte-identical JPEGs and JSON).
+
+Flat shapes compress to ~5 KB per 256² JPEG, which flatters a JPEG decoder; `texture=True` (`--textured`)
+overlays photo-like multi-scale noise on larger images so that, converted at 256² q90, they average ~19 KB,
+close to COCO photos (~20 KB): the data for loader benchmarks.
 """
 
 import io
@@ -27,6 +31,11 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 12
 POSITIONS = ("left", "right", "top", "bottom", "center")
 PAIRED_POSITIONS = (("left", "right"), ("top", "bottom"))
 SIZES = {"small": 0.2, "large": 0.38}  # shape extent as a fraction of the shorter image side
+SIDE_RANGE, TEXTURED_SIDE_RANGE = (64, 160), (256, 480)
+# Photo-like texture: luminance noise at these cell sizes (px) and weights, a coarse colour noise, all scaled to
+# +-TEXTURE_LEVELS levels. Tuned for ~19 KB (16-21 KB) per image converted at 256² q90.
+TEXTURE_OCTAVES = ((48, 0.8), (12, 0.6), (3, 0.45), (1, 0.3))
+TEXTURE_COLOR_CELL, TEXTURE_COLOR_WEIGHT, TEXTURE_LEVELS = 32, 0.4, 45
 
 # Where on the canvas each position puts a shape's center, as (x, y) fractions.
 ANCHORS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75),
@@ -68,12 +77,47 @@ def random_scene(rng: random.Random, side_range: tuple[int, int]) -> Scene:
     return Scene(width, height, background, gradient_to, shapes)
 
 
-def render(scene: Scene) -> Image.Image:
+def render(scene: Scene, texture_seed: int | None = None) -> Image.Image:
     img = Image.fromarray(background_pixels(scene))
     draw = ImageDraw.Draw(img)
     for shape in scene.shapes:
         draw_shape(draw, shape, scene.width, scene.height)
+    if texture_seed is not None:
+        img = Image.fromarray(textured(np.asarray(img), np.random.default_rng(texture_seed)))
     return img
+
+
+def textured(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [h, w, 3] pixels with photo-like texture added: smooth blotches down to per-pixel grain in
+    brightness, plus coarse colour variation. Vectorized (a few ms per image) and deterministic per rng."""
+    height, width = pixels.shape[:2]
+    luma = sum(weight * noise(rng, height, width, cell) for cell, weight in TEXTURE_OCTAVES)
+    color = TEXTURE_COLOR_WEIGHT * noise(rng, height, width, TEXTURE_COLOR_CELL, channels=3)
+    texture = TEXTURE_LEVELS * (luma[..., None] + color)
+    return np.clip(pixels + texture, 0, 255).astype(np.uint8)
+
+
+def noise(rng: np.random.Generator, height: int, width: int, cell: int, channels: int = 1) -> np.ndarray:
+    """float32 [h, w] (or [h, w, channels]) value noise in [-1, 1]: uniform values on a grid of `cell` px,
+    bilinearly interpolated; cell 1 is per-pixel grain. numpy only: OpenCV's thread pool, once started in this
+    process, deadlocks the forked workers of `capfast convert` when they resize."""
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    if cell == 1:
+        return rng.integers(0, 256, shape, dtype=np.uint8).astype(np.float32) * (2 / 255) - 1
+    grid = rng.random((height // cell + 2, width // cell + 2) + shape[2:], dtype=np.float32) * 2 - 1
+    x0, fx = _cells(width, cell)
+    y0, fy = _cells(height, cell)
+    if channels > 1:
+        fx, fy = fx[:, None], fy[:, None]
+    rows = grid[:, x0] * (1 - fx) + grid[:, x0 + 1] * fx  # [grid rows, width]
+    return rows[y0] * (1 - fy)[:, None] + rows[y0 + 1] * fy[:, None]
+
+
+def _cells(size: int, cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each pixel: the grid point before it and its fractional distance from it."""
+    position = np.arange(size, dtype=np.float32) / cell
+    first = position.astype(np.int64)
+    return first, position - first
 
 
 def background_pixels(scene: Scene) -> np.ndarray:
@@ -146,7 +190,7 @@ def jpeg_bytes(img: Image.Image) -> bytes:
 
 
 def make_split(out: Path, split: str, image_ids: list[int], rng: random.Random,
-               side_range: tuple[int, int]) -> tuple[dict, list[dict]]:
+               side_range: tuple[int, int], texture: bool = False) -> tuple[dict, list[dict]]:
     """Writes the split's images; returns its COCO captions JSON and the per-image records for Karpathy."""
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +198,8 @@ def make_split(out: Path, split: str, image_ids: list[int], rng: random.Random,
     for image_id in image_ids:
         scene = random_scene(rng, side_range)
         file_name = f"COCO_{split}_{image_id:012d}.jpg"
-        (image_dir / file_name).write_bytes(jpeg_bytes(render(scene)))
+        texture_seed = rng.getrandbits(64) if texture else None
+        (image_dir / file_name).write_bytes(jpeg_bytes(render(scene, texture_seed)))
         texts = captions(scene, rng)
         images.append({"id": image_id, "file_name": file_name, "width": scene.width, "height": scene.height,
                        "license": 1, "date_captured": "2024-01-01 00:00:00"})
@@ -195,9 +240,11 @@ def karpathy_json(records: list[dict]) -> dict:
 
 
 def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: bool = False,
-                        side_range: tuple[int, int] = (64, 160)) -> Path:
+                        side_range: tuple[int, int] | None = None, texture: bool = False) -> Path:
     """Writes OUT/images/{train,val}/*.jpg and OUT/annotations/captions_{train,val}.json (COCO captions
-    format); with karpathy=True also OUT/dataset_coco.json. Image ids are unique across splits, not sorted."""
+    format); with karpathy=True also OUT/dataset_coco.json. Image ids are unique across splits, not sorted.
+    texture=True: photo-like texture on 256-480 px images (default side range), for loader benchmarks."""
+    side_range = side_range or (TEXTURED_SIDE_RANGE if texture else SIDE_RANGE)
     if n_train < 0 or n_val < 0:
         raise CapfastError("--train and --val must be >= 0")
     if not 8 <= side_range[0] <= side_range[1]:
@@ -209,7 +256,7 @@ def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: 
     records = []
     annotation_id = 1
     for split, split_ids in (("train", ids[:n_train]), ("val", ids[n_train:])):
-        coco, split_records = make_split(out, split, split_ids, rng, side_range)
+        coco, split_records = make_split(out, split, split_ids, rng, side_range, texture)
         for annotation in coco["annotations"]:
             annotation["id"] = annotation_id
             annotation_id += 1
@@ -228,10 +275,13 @@ def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: 
               help="Number of validation images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--karpathy", is_flag=True, help="Also write OUT/dataset_coco.json (Karpathy split format).")
-def command(out, n_train, n_val, seed, karpathy):
+@click.option("--textured", is_flag=True,
+              help="Photo-like texture on 256-480 px images: ~19 KB per JPEG once converted at 256² q90, like COCO "
+                   "photos (flat shapes: ~5 KB). For loader benchmarks.")
+def command(out, n_train, n_val, seed, karpathy, textured):
     """Write a synthetic COCO captions dataset of colored shapes to OUT."""
     try:
-        make_synthetic_coco(out, n_train, n_val, seed, karpathy)
+        make_synthetic_coco(out, n_train, n_val, seed, karpathy, texture=textured)
     except OSError as e:
         raise CapfastError(f"cannot write synthetic dataset to {out}: {e.strerror or e}") from None
     click.echo(f"wrote {n_train} train + {n_val} val images to {out}", err=True)

@@ -28,7 +28,11 @@ class Vocab:
 
     @classmethod
     def build(cls, tokenized_captions, min_count: int = 5) -> "Vocab":
-        counts = collections.Counter(t for caption in tokenized_captions for t in caption)
+        return cls.from_counts(collections.Counter(t for caption in tokenized_captions for t in caption), min_count)
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], min_count: int = 5) -> "Vocab":
+        """Words seen at least min_count times, most frequent first (ties alphabetical)."""
         kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
         return cls(SPECIALS + tuple(kept))
 

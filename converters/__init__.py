@@ -8,9 +8,9 @@ image id) and the problems found in the annotations (items skipped, with reasons
 Bad input (missing, unreadable, invalid JSON, wrong schema, missing image folder) raises CapfastError.
 """
 
-from converters.coco import read_coco
-from converters.common import Item, Problem, Source
-from converters.folder import read_folder
-from converters.karpathy import read_karpathy
+from capfast.converters.coco import read_coco
+from capfast.converters.common import Item, Problem, Source
+from capfast.converters.folder import read_folder
+from capfast.converters.karpathy import read_karpathy
 
 __all__ = ["Item", "Problem", "Source", "read_coco", "read_karpathy", "read_folder"]

@@ -7,8 +7,8 @@ name the same file; their captions are merged.
 import json
 from pathlib import Path
 
+from capfast.converters.common import Problem, Source, is_id, items_from_captions, require_dir
 from capfast.errors import CapfastError
-from converters.common import Problem, Source, is_id, items_from_captions, require_dir
 
 WHAT = "captions file"
 

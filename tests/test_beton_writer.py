@@ -1,74 +1,74 @@
-"""capfast.beton_writer's failure handling around ffcv's DatasetWriter (which hangs when a worker dies)."""
+"""capfast.beton_writer (ffcv's .beton layout, written in order) and capfast.pool (the ordered worker pool)."""
 
-import io
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from capfast import schema
-from capfast.beton_writer import ImageSettings, Normalized, Records, write_beton
+from capfast.beton_writer import MIN_PAGE_SIZE, BetonWriter, jpeg_field_class, page_size_for
 from capfast.errors import CapfastError
-from capfast.images import prepare_image
 from capfast.inspect_beton import BetonContents
+from capfast.pool import ordered_map
 
 
-def jpeg_file(path):
-    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
-    pixels[:, :40], pixels[:, 40:] = (230, 20, 20), (20, 20, 230)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    path.write_bytes(buffer.getvalue())
+def fields():
+    return {**schema.beton_fields(captions_per_image=2, max_len=4), schema.IMAGE: jpeg_field_class()()}
+
+
+def record(i: int, nbytes: int) -> tuple:
+    return (bytes([i]) * nbytes, 10 + i, 20 + i), np.full((2, 6), i, np.int32), 1 + i % 2, 100 + i
+
+
+def write(path, records, capacity=None, page_size=MIN_PAGE_SIZE):
+    with open(path, "w+b") as file:
+        writer = BetonWriter(file, fields(), capacity or len(records), page_size)
+        for values in records:
+            writer.append(values)
+        writer.finish()
     return path
 
 
-def leftovers(out):
-    return sorted(p.name for p in out.iterdir() if p.suffix in (".beton", ".tmp") or ".tmp" in p.name)
+def test_records_fill_whole_pages_in_order_and_ffcv_reads_them(tmp_path):
+    sizes = [600_000 + i for i in range(7)]  # three fit in a 2 MiB page: the 4th and 7th start new pages
+    path = write(tmp_path / "x.beton", [record(i, n) for i, n in enumerate(sizes)], capacity=9)
+    contents = BetonContents(path)  # ffcv's Reader, and the fields capfast expects (image: RGBImageField)
+    assert len(contents) == 7 and contents.image_ids.tolist() == list(range(100, 107))
+    assert contents.ncaptions.tolist() == [1, 2] * 3 + [1]
+    for i, n in enumerate(sizes):
+        assert contents.image_bytes(i) == bytes([i]) * n
+        assert contents.image_size(i) == (20 + i, 10 + i)
+        assert (contents.captions(i) == i).all()
+    table = contents.reader.alloc_table
+    first_page, last_page = table["ptr"] // MIN_PAGE_SIZE, (table["ptr"] + table["size"] - 1) // MIN_PAGE_SIZE
+    assert (first_page == last_page).all()  # no record straddles two pages
+    assert sorted(set(first_page.tolist())) == [first_page.min() + k for k in range(3)]
+    assert os.path.getsize(path) == (first_page.min() + 3) * MIN_PAGE_SIZE + table.nbytes
 
 
-def test_writer_crash_becomes_error_without_leftovers(tmp_path):
-    """ffcv's writer spins forever when a worker dies; beton_writer's watchdog turns that into CapfastError."""
-    image = jpeg_file(tmp_path / "a.jpg")
-    settings = ImageSettings(16, keep_aspect=False)
-    wrong_dtype = np.zeros((1, 5, 18), dtype=np.int64)  # ffcv's int32 NDArrayField fails inside its worker
-    records = Records([0], [image], Normalized({0: (16, 16, 3)}, {}, None), settings, wrong_dtype,
-                      np.array([5]), np.array([1]))
-    with pytest.raises(CapfastError, match="ffcv writer process failed"):
-        write_beton(tmp_path / "x.beton", schema.beton_fields(5, 16), records, workers=1)
-    assert leftovers(tmp_path) == []
+def test_record_larger_than_a_page_is_an_error(tmp_path):
+    with pytest.raises(CapfastError, match="larger than the beton's 2097152-byte pages"):
+        write(tmp_path / "x.beton", [record(0, 10), record(1, MIN_PAGE_SIZE)])
 
 
-def test_killed_writer_worker_becomes_error(tmp_path):
-    class DyingRecords(Records):
-        def __getitem__(self, j):
-            os._exit(3)  # like an OOM kill: no exception, no flag
-
-    image = jpeg_file(tmp_path / "a.jpg")
-    records = DyingRecords([0], [image], Normalized({0: (16, 16, 3)}, {}, None), ImageSettings(16, False),
-                           np.zeros((1, 5, 18), dtype=np.int32), np.array([5]), np.array([1]))
-    with pytest.raises(CapfastError, match="exit code 3"):
-        write_beton(tmp_path / "x.beton", schema.beton_fields(5, 16), records, workers=1)
-    assert leftovers(tmp_path) == []
+def test_page_size_fits_the_largest_record():
+    assert page_size_for(1000, capacity=10) == MIN_PAGE_SIZE
+    assert page_size_for(1000, capacity=5000) == 4 * MIN_PAGE_SIZE  # ffcv's default for large datasets
+    assert page_size_for(3 * MIN_PAGE_SIZE, capacity=10) == 4 * MIN_PAGE_SIZE
 
 
-def test_writer_recomputes_images_when_there_is_no_cache(tmp_path):
-    """The low-disk path: arrays are recomputed inside ffcv's writer; a file that vanished meanwhile fails."""
-    paths = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
-    for path in paths:
-        jpeg_file(path)
-    settings = ImageSettings(16, keep_aspect=False)
+def square(x):
+    return x * x
 
-    def records():
-        return Records([0, 1], paths, Normalized({0: (16, 16, 3), 1: (16, 16, 3)}, {}, None), settings,
-                       np.zeros((2, 5, 18), dtype=np.int32), np.array([1, 1]), np.array([7, 8]))
 
-    write_beton(tmp_path / "ok.beton", schema.beton_fields(5, 16), records(), workers=2)
-    contents = BetonContents(tmp_path / "ok.beton")
-    assert contents.image_ids.tolist() == [7, 8]
-    stored = np.asarray(Image.open(io.BytesIO(contents.image_bytes(1))).convert("RGB"), dtype=int)
-    assert np.abs(stored - prepare_image(paths[1], 16).astype(int)).mean() < 6
-    paths[1].unlink()
-    with pytest.raises(CapfastError, match="changed or vanished"):
-        write_beton(tmp_path / "bad.beton", schema.beton_fields(5, 16), records(), workers=1)
-    assert leftovers(tmp_path) == ["ok.beton"]
+def die(x):
+    os._exit(3)  # like an OOM kill: no exception, no message
+
+
+def test_ordered_map_keeps_input_order():
+    assert list(ordered_map(square, list(range(40)), workers=2, chunk_size=3)) == [x * x for x in range(40)]
+
+
+def test_dead_worker_becomes_error():
+    with pytest.raises(CapfastError, match="worker process died"):
+        list(ordered_map(die, [1, 2, 3], workers=2))

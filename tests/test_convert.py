@@ -1,8 +1,14 @@
 import io
 import json
+import multiprocessing
+import os
 import shutil
+import signal
+import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -91,10 +97,67 @@ def test_refs_vocab_and_meta(converted, synth_coco):
     assert leftovers(converted) == ["train.beton", "val.beton"]
 
 
-def test_multi_worker_output_equals_single_worker(converted, synth_coco, tmp_path):
+def test_output_bytes_do_not_depend_on_workers(converted, synth_coco, tmp_path):
     convert(tmp_path, "train", annotations=synth_coco / "annotations" / "captions_train.json",
             images=synth_coco / "images" / "train", image_size=64, min_count=1, workers=1, progress=False)
-    assert records(tmp_path / "train.beton") == records(converted / "train.beton")
+    assert (tmp_path / "train.beton").read_bytes() == (converted / "train.beton").read_bytes()  # 2 workers
+
+
+def files_open_in(pid: int, folder) -> list[str]:
+    """What process `pid` holds open inside `folder` (an unnamed file shows as "folder/#inode (deleted)")."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{folder}/"):
+            found.append(target)
+    return found
+
+
+def wait_until(condition, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.002)
+
+
+def ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="O_TMPFILE and PR_SET_PDEATHSIG are Linux's")
+def test_kill_9_mid_write_leaves_nothing_behind(tmp_path):
+    """SIGKILL while the beton is being written: no partial beton, no temporary file, no orphaned worker."""
+    (tmp_path / "images").mkdir()
+    stripes = np.zeros((2400, 2400), np.uint8)
+    stripes[::7] = 255
+    Image.fromarray(stripes).save(tmp_path / "images" / "big.png", compress_level=1)  # slow to decode
+    ids = range(1, 17)
+    coco_json(tmp_path / "captions.json", [(i, "big.png") for i in ids], [(i, "a striped picture") for i in ids])
+    out = tmp_path / "out"
+    child = multiprocessing.get_context("fork").Process(target=convert, args=(out, "train"), kwargs=dict(
+        annotations=tmp_path / "captions.json", images=tmp_path / "images", image_size=64, min_count=1,
+        workers=2, progress=False))
+    child.start()
+    process = psutil.Process(child.pid)
+    wait_until(lambda: not child.is_alive() or (files_open_in(child.pid, out) and len(process.children()) == 2),
+               "convert writes its beton", timeout=300)  # the child may import ffcv itself
+    workers = process.children()
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert child.exitcode == -signal.SIGKILL
+        wait_until(lambda: all(map(ended, workers)), "the workers end", timeout=20)
+        assert os.listdir(out) == []
+    finally:
+        for worker in workers:
+            if not ended(worker):
+                worker.kill()
 
 
 def test_vocab_reuse_and_overwrite(converted, synth_coco, tmp_path, capfast_cli):

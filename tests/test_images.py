@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from capfast.images import BadImage, load_rgb, prepare_image
+from capfast.images import BadImage, decode_plain_jpeg, draft_scale, load_rgb, prepare_image, prepare_jpeg, resized
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
@@ -135,3 +135,52 @@ def test_directory_is_not_an_image(tmp_path):
     (tmp_path / "dir.jpg").mkdir()
     with pytest.raises(BadImage, match="not a regular file"):
         load_rgb(tmp_path / "dir.jpg")
+
+
+def photo_like(width, height) -> Image.Image:
+    """Smooth gradients with sharp edges and some texture, like a photo at the scale that matters here."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([x / width * 255, y / height * 255, 128 + 60 * np.sin(x / 9) * np.cos(y / 13)], -1)
+    pixels[height // 3: height // 2, width // 4: width // 2] = (240, 240, 20)
+    pixels += np.random.default_rng(0).normal(0, 6, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_plain_jpegs_take_the_opencv_path_and_match_pil(tmp_path):
+    data = jpeg_bytes(photo_like(320, 240), quality=92)
+    (tmp_path / "plain.jpg").write_bytes(data)
+    (tmp_path / "junk_after_end.jpg").write_bytes(data + b"\0\0")  # no end marker last: PIL decides
+    with Image.open(io.BytesIO(data)) as img:
+        assert decode_plain_jpeg(data, img, (64, 64)) is not None
+    with Image.open(io.BytesIO(data[:-100])) as img:  # truncated
+        assert decode_plain_jpeg(data[:-100], img, (64, 64)) is None
+    cmyk = jpeg_bytes(two_color(mode="CMYK"))
+    with Image.open(io.BytesIO(cmyk)) as img:
+        assert decode_plain_jpeg(cmyk, img, (16, 16)) is None
+    by_opencv = prepare_image(tmp_path / "plain.jpg", 64).astype(int)
+    by_pil = prepare_image(tmp_path / "junk_after_end.jpg", 64).astype(int)
+    assert np.abs(by_opencv - by_pil).mean() < 1
+
+
+@pytest.mark.parametrize("source, target", [((640, 480), (256, 256)), ((1100, 900), (256, 256)),
+                                            ((500, 375), (256, 192)), ((300, 700), (128, 64))])
+def test_shrinking_averages_areas(source, target):
+    pixels = np.asarray(photo_like(*source))
+    exact = np.asarray(Image.fromarray(pixels).resize(target, Image.Resampling.BOX), dtype=int)  # area mean
+    assert np.abs(resized(pixels, target).astype(int) - exact).mean() < 2
+
+
+def test_large_jpegs_are_reduced_while_decoding_without_losing_quality(tmp_path):
+    assert draft_scale((600, 500), (128, 128)) == 2 and draft_scale((4000, 3000), (256, 256)) == 8
+    assert draft_scale((1100, 511), (256, 256)) == 1 and draft_scale((512, 1024), (256, 256)) == 2
+    path = save(photo_like(600, 500), tmp_path / "big.jpg", quality=95)  # decoded at 1/2: 300x250
+    reference = np.asarray(Image.open(path).convert("RGB").resize((128, 128), Image.Resampling.BOX), dtype=int)
+    assert np.abs(prepare_image(path, 128).astype(int) - reference).mean() < 2
+
+
+def test_stored_jpeg_is_baseline_rgb(tmp_path):
+    jpeg, height, width = prepare_jpeg(save(two_color(mode="L"), tmp_path / "g.jpg"), 32, True, quality=90)
+    assert (height, width) == (16, 32)
+    with Image.open(io.BytesIO(jpeg)) as img:
+        assert img.mode == "RGB" and img.size == (32, 16) and "progressive" not in img.info
+    assert b"\xff\xc0" in jpeg and b"\xff\xc2" not in jpeg  # SOF0 (baseline), no SOF2 (progressive)

@@ -81,6 +81,19 @@ def test_karpathy_file(synth_coco):
     assert len({image["imgid"] for image in data["images"]}) == 44
 
 
+def test_textured_images_are_deterministic_and_convert_to_photo_sized_jpegs(tmp_path):
+    """--textured exists for loader benchmarks: at 256² q90 its JPEGs must weigh like COCO photos (>= 15 KB)."""
+    from capfast.convert import convert
+    from capfast.inspect_beton import BetonContents
+
+    a = make_synthetic_coco(tmp_path / "a", n_train=8, n_val=0, seed=3, texture=True)
+    b = make_synthetic_coco(tmp_path / "b", n_train=8, n_val=0, seed=3, texture=True)
+    assert all_files(a) == all_files(b)
+    convert(tmp_path / "data", "train", annotations=a / "annotations" / "captions_train.json",
+            images=a / "images" / "train", image_size=256, min_count=1, workers=1, progress=False)
+    assert BetonContents(tmp_path / "data" / "train.beton").image_nbytes().mean() >= 15 * 1024
+
+
 def test_cli(tmp_path, capfast_cli):
     result = capfast_cli("synth", tmp_path / "s", "--train", 3, "--val", 2, "--seed", 1)
     assert result.code == 0, result.stderr

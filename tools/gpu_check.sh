@@ -1,35 +1,83 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a device session. On the device machine, from the project root:
+# The GPU checks, as one script for a device session: every figure of issue #8's "Done when" in one run.
+# On the device machine, from the project root:
 #   source .devbundle/setup.sh; OUT=$OUT bash tools/gpu_check.sh
 # (prepare .devbundle here first with `bash ../shared/device/prepare.sh`; carry [".devbundle"]).
-# Makes 256x256 synthetic betons, runs the GPU tests, the loader benchmark (nvJPEG vs DataLoader+PIL) and the
-# train benchmark matrix (real loader vs resident batch; fp32 / bf16 / bf16+compile). Logs go to $OUT.
+# About 8 minutes on one H100 with N=4000; PARTS picks steps, e.g. PARTS="data loader" then PARTS="tests train run"
+# to split it over two commands (data stays under $OUT).
+#   data    textured synthetic COCO (photo-like, ~19 KB per stored JPEG) converted at 256x256 q90
+#   tests   pytest -m gpu
+#   loader  bench loader --device cuda, batch 256: img/s, the same-run decode ceiling, the fraction, mean KB
+#   train   bench train --matrix, ResNet-50 + Transformer batch 256: real loader vs resident batch efficiency
+#   run     a short `capfast train`: median TensorBoard perf/data_wait_ms and perf/step_time_ms after warm-up
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
-N=${N:-6000}
+N=${N:-4000}
 PY=${PY:-python3}
+PARTS=${PARTS:-"data tests loader train run"}
+RUN_STEPS=${RUN_STEPS:-120}
+WARMUP_STEPS=${WARMUP_STEPS:-20}
+DATA="$OUT/data"
+RECIPE=${RECIPE:-configs/coco_r50_transformer.toml}
+NO_DOWNLOAD=(model.encoder_weights=random encoder_trainable_from_epoch=0 eval.every_epochs=0)
 mkdir -p "$OUT"
 step() { echo; echo "== $* ($(date +%T))"; }
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 step environment
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
-for module in cv2 tqdm psutil pycocotools pycocoevalcap pytest torchcodec; do
+for module in cv2 tqdm psutil pycocotools pycocoevalcap pytest tensorboard torchcodec; do
   $PY -c "import $module" 2>/dev/null && echo "$module: ok" || echo "$module: missing"
 done
+nproc; cat /proc/loadavg
 
-step "synthetic data: $N train images stored at 256x256"
-$PY -m capfast synth "$OUT/coco" --train "$N" --val 500 --seed 0 > /dev/null
-for split in train val; do
-  $PY -m capfast convert --annotations "$OUT/coco/annotations/captions_$split.json" --images "$OUT/coco/images/$split" \
-    --split "$split" --out "$OUT/data" --image-size 256 --min-count 1 2>&1 | tail -1
-done
+if want data; then
+  step "data: $N textured train images, stored at 256x256 q90"
+  $PY -m capfast synth "$OUT/coco" --train "$N" --val 128 --seed 0 --textured > /dev/null
+  for split in train val; do
+    $PY -m capfast convert --annotations "$OUT/coco/annotations/captions_$split.json" \
+      --images "$OUT/coco/images/$split" --split "$split" --out "$DATA" --image-size 256 --min-count 1 2>&1 | tail -1
+  done
+  $PY -m capfast inspect "$DATA/train.beton" | grep -E "records|stored JPEG"
+fi
 
-step "GPU tests"
-$PY -m pytest -q -m gpu tests 2>&1 | tail -15 || echo "pytest unavailable"
+if want tests; then
+  step "GPU tests"
+  $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -25
+fi
 
-step "loader: nvJPEG + GPU crops vs DataLoader + PIL (batch 256, 224 crops)"
-$PY -m capfast bench loader --data "$OUT/data/train.beton" --device cuda --batch-size 256 --batches 40 --baseline 2>&1 | tail -4
+if want loader; then
+  step "loader: nvJPEG + GPU crops, producer thread, batch 256, 224 crops (target >= 20,000 img/s, >= 0.85 of ceiling)"
+  $PY -m capfast bench loader --data "$DATA/train.beton" --device cuda --batch-size 256 --batches 40 2>&1 | tail -5
+fi
 
-step "train: ResNet-50 + Transformer, batch 256, encoder trained (loader efficiency, precision matrix)"
-$PY -m capfast bench train --config configs/coco_r50_transformer.toml --data "$OUT/data" --steps 30 --matrix \
-  model.encoder_weights=random encoder_trainable_from_epoch=0 eval.every_epochs=0 2>&1 | tail -6
+if want train; then
+  step "train: real loader vs resident batch, batch 256 (target efficiency >= 0.97 ResNet-50, >= 0.95 ResNet-18)"
+  $PY -m capfast bench train --config "$RECIPE" --data "$DATA" --steps 30 --matrix "${NO_DOWNLOAD[@]}" 2>&1 | tail -14
+fi
+
+if want run; then
+  step "capfast train: $RUN_STEPS steps, TensorBoard medians after $WARMUP_STEPS steps (target data wait < 1 ms)"
+  rm -rf "$OUT/run"
+  $PY -m capfast train --config "$RECIPE" --data "$DATA" --out "$OUT/run" "${NO_DOWNLOAD[@]}" \
+    max_steps="$RUN_STEPS" checkpoint_every=100000 2>&1 | grep -v "it/s\|step/s" | tail -5
+  $PY - "$OUT/run" "$WARMUP_STEPS" <<'EOF'
+import glob, statistics, sys
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+run_dir, warmup = sys.argv[1], int(sys.argv[2])
+series = {}
+for path in sorted(glob.glob(f"{run_dir}/tb/events.*")):
+    events = EventAccumulator(path, size_guidance={"scalars": 0})
+    events.Reload()
+    for tag in events.Tags()["scalars"]:
+        if tag.startswith("perf/"):
+            series.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+for tag, values in sorted(series.items()):
+    steady = [v for step, v in sorted(values.items()) if step > warmup]
+    if steady:
+        print(f"{tag}: median {statistics.median(steady):.2f} over {len(steady)} steps after {warmup} "
+              f"(max {max(steady):.2f})")
+EOF
+fi

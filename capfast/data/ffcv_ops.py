@@ -1,7 +1,7 @@
 """Custom ffcv decoders for the `image` field (RGBImageField, mode jpg) and a safer epoch iterator.
 
 ffcv's own image decoders either need one image size (Simple) or crop with an unseeded numba RNG
-(RandomResizedCrop). capfast crops in torch instead, so these decoders only read: the stored JPEG bytes
+(RandomResizedCrop). capfast crops in torch instead, so these decoders only read: the stored JPEG bytes, packed
 (for nvJPEG on the GPU), the full decoded image (libjpeg-turbo on CPU threads), and each image's
 (height, width, nbytes) so torch knows where the real pixels/bytes end in the padded buffers.
 """
@@ -23,7 +23,8 @@ INT64 = np.dtype("<i8")
 
 
 class JpegBytesDecoder(Operation):
-    """Each sample's JPEG bytes, copied into a [max_bytes] uint8 row (tail left as garbage)."""
+    """The batch's JPEG bytes stored back to back from the start of its [B, max_bytes] uint8 buffer, in batch
+    order, so that the consumer cuts them apart with one torch.split (sizes: ImageInfoDecoder's nbytes)."""
 
     def __init__(self, max_bytes: int):
         super().__init__()
@@ -39,10 +40,15 @@ class JpegBytesDecoder(Operation):
         my_range = Compiler.get_iterator()
 
         def decode(batch_indices, destination, metadata, storage_state):
-            for i in my_range(len(batch_indices)):
+            n = len(batch_indices)
+            packed = destination.reshape(-1)  # n rows of max_bytes: room for any n JPEGs
+            ends = np.zeros(n + 1, dtype=np.int64)
+            for i in range(n):
+                ends[i + 1] = ends[i] + mem_read(metadata[batch_indices[i]]["data_ptr"], storage_state).size
+            for i in my_range(n):
                 data = mem_read(metadata[batch_indices[i]]["data_ptr"], storage_state)
-                copy(data, destination[i])
-            return destination[: len(batch_indices)]
+                copy(data, packed[ends[i]:ends[i + 1]])
+            return destination[:n]
 
         decode.is_parallel = True
         return decode
@@ -105,15 +111,24 @@ class ImageInfoDecoder(Operation):
 
 class GuardedEpochIterator(EpochIterator):
     """ffcv's epoch iterator over an explicit order, except that an error in its worker thread is raised in the
-    consumer (ffcv's own leaves the consumer blocked on the queue forever), and close() releases the thread."""
+    consumer (ffcv's own leaves the consumer blocked on the queue forever), and close() stops the thread after
+    the batch it is reading (ffcv's own reads on to the end of the epoch once its queue has room) and waits for it
+    and for the process cache's page readers (os_cache=False)."""
 
     _closed = False
 
     def run(self):
         try:
             super().run()
+        except _Stopped:
+            pass
         except Exception as error:  # re-raised in __next__, in the consumer's thread
             self._put(_Failure(error))
+
+    def run_pipeline(self, *args, **kwargs):
+        if self.terminate_event.is_set():
+            raise _Stopped
+        return super().run_pipeline(*args, **kwargs)
 
     def _put(self, item) -> None:
         while not self.terminate_event.is_set():
@@ -139,12 +154,16 @@ class GuardedEpochIterator(EpochIterator):
         if self._closed:
             return
         self._closed = True
-        super().close()
-        # Wait for the thread to end: a process that exits while it runs a numba parallel loop aborts.
+        self.terminate_event.set()
+        # Wait for the thread to end: a process that exits while it runs a numba parallel loop aborts, and the
+        # memory context below must outlive the thread's reads.
         deadline = time.monotonic() + 30
         while self.is_alive() and time.monotonic() < deadline:
             self._drain()
             self.join(timeout=0.05)
+        super().close()
+        for reader in getattr(getattr(self.memory_context, "executor", None), "threads", ()):
+            reader.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _drain(self) -> None:
         """ffcv's thread ends an epoch with an unbounded put(None): when the consumer stopped early with the
@@ -154,6 +173,10 @@ class GuardedEpochIterator(EpochIterator):
                 self.output_queue.get_nowait()
             except Empty:
                 return
+
+
+class _Stopped(Exception):
+    """Raised on ffcv's thread before it reads another batch once close() was called."""
 
 
 class _Failure:

@@ -1,13 +1,16 @@
 """Streams a capfast beton as normalized, augmented image batches on the training device.
 
-ffcv reads records on its own thread. On CUDA it hands out the stored JPEG bytes, nvJPEG decodes them and the
-crop/jitter/normalize run batched on a side stream, one batch ahead of the consumer. Without CUDA, ffcv decodes
-with libjpeg-turbo on its worker threads and the same torch transforms run on the CPU. Crops are drawn from a
-generator seeded by (seed, epoch, batch, rank), so a run resumed with skip_batches sees the same batches.
+ffcv reads records on its own thread. A producer thread per epoch (capfast/data/producer.py) turns them into
+batches `prefetch` ahead of the consumer: on CUDA it hands the stored JPEG bytes to nvJPEG and runs the
+crop/jitter/normalize batched on the loader's own stream, recording an event per batch that the consumer's stream
+waits on; without CUDA, ffcv decodes with libjpeg-turbo on its worker threads and the same torch transforms run
+on the CPU. prefetch=0 does the same work on the consumer's thread. Crops are drawn from a generator seeded by
+(seed, epoch, batch, rank), so every path, and a run resumed with skip_batches, sees the same batches.
 """
 
 import contextlib
-import os
+import functools
+import threading
 from dataclasses import dataclass, fields
 from typing import Iterator
 
@@ -15,13 +18,16 @@ import numpy as np
 import torch
 
 from capfast import schema
-from capfast.data import augment, order as orders
+from capfast.data import augment, checks, order as orders
 from capfast.data.augment import preprocess_images  # noqa: F401  (part of this module's API)
+from capfast.data.checks import COMPUTE_DTYPES, resolve_workers  # noqa: F401  (part of this module's API)
+from capfast.data.producer import EpochBatches, Producer
 from capfast.errors import CapfastError
 
 IMAGE_INFO = "image_info"  # (height, width, nbytes) of each image: an extra ffcv output read from `image`
-JPG_MODE = 0  # ffcv RGBImageField mode of JPEG-compressed records
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_PREFETCH = 3
+# Held while a batch's CUDA work is enqueued: see _cuda_batch for the nvJPEG output-memory hazard it guards.
+_CUDA_ENQUEUE = threading.Lock()
 
 
 @dataclass
@@ -50,22 +56,27 @@ class LoaderSettings:
     crop_ratio: tuple
     color_jitter: float
     decoder: str  # "ffcv": libjpeg-turbo on ffcv's threads (CPU); "bytes": decode_jpegs (nvJPEG on CUDA)
+    prefetch: int = DEFAULT_PREFETCH  # batches a producer thread prepares ahead; 0: prepared on the consumer's
 
 
 def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.float32, image_size=224,
                  num_workers=None, seed=0, distributed=False, order="random", os_cache=True,
-                 crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.0) -> "CaptionLoader":
+                 crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.0,
+                 prefetch=DEFAULT_PREFETCH) -> "CaptionLoader":
     """A loader over `beton` (written by `capfast convert`). train=True: seeded shuffled order that changes every
     epoch, full batches only, random resized crops (+ optional colour jitter). train=False: file order, every
-    record exactly once (over all ranks when distributed), each whole image resized to image_size."""
-    device = _device(device)
+    record exactly once (over all ranks when distributed), each whole image resized to image_size.
+    prefetch: batches a producer thread prepares ahead of the consumer (0: none, all work on the consumer's
+    thread); the batches are the same either way."""
+    device = checks.device(device)
     settings = LoaderSettings(
-        batch_size=_positive_int(batch_size, "batch size"), train=bool(train), device=device, dtype=_dtype(dtype),
-        image_size=_positive_int(image_size, "image size"), workers=resolve_workers(num_workers), seed=_seed(seed),
-        order=_order(order), os_cache=bool(os_cache), crop_scale=_range(crop_scale, "crop scale", 1.0),
-        crop_ratio=_range(crop_ratio, "crop ratio", None), color_jitter=_jitter(color_jitter),
-        decoder="bytes" if device.type == "cuda" else "ffcv")
-    return CaptionLoader(beton, settings, _shard(distributed))
+        batch_size=checks.positive_int(batch_size, "batch size"), train=bool(train), device=device,
+        dtype=checks.dtype(dtype), image_size=checks.positive_int(image_size, "image size"),
+        workers=resolve_workers(num_workers), seed=checks.seed(seed), order=checks.order(order),
+        os_cache=bool(os_cache), crop_scale=checks.interval(crop_scale, "crop scale", 1.0),
+        crop_ratio=checks.interval(crop_ratio, "crop ratio", None), color_jitter=checks.jitter(color_jitter),
+        decoder="bytes" if device.type == "cuda" else "ffcv", prefetch=checks.prefetch(prefetch))
+    return CaptionLoader(beton, settings, checks.shard(distributed))
 
 
 class CaptionLoader:
@@ -79,7 +90,7 @@ class CaptionLoader:
         self.shard = shard
         reader = check_beton(beton)
         self.num_records = int(reader.num_samples)
-        self.max_jpeg_bytes = _check_images(reader, self.beton)
+        self.max_jpeg_bytes = checks.check_images(reader, self.beton)
         self.num_samples = self._records_per_rank()
         if settings.train and self.num_samples == 0:
             raise CapfastError(f"{self.beton} has {self.num_records} records: fewer than one batch of "
@@ -87,7 +98,7 @@ class CaptionLoader:
         self._ffcv = self._ffcv_loader()
         self._quasi = self._quasi_order() if settings.train and settings.order == "quasi_random" else None
         self._stream = torch.cuda.Stream(settings.device) if self.on_cuda else None
-        self._resized = None
+        self._scratch = threading.local()  # per-thread buffers: two epochs may be produced at once
 
     @property
     def on_cuda(self) -> bool:
@@ -119,24 +130,28 @@ class CaptionLoader:
 
     # ---- iteration ------------------------------------------------------------------------------------
 
-    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
-        """The batches of `epoch`, starting at batch `skip_batches` (skipped batches are not read or decoded)."""
+    def epoch(self, epoch: int, skip_batches: int = 0) -> EpochBatches:
+        """The batches of `epoch`, starting at batch `skip_batches` (skipped batches are not read or decoded).
+        The producer starts at once; close the result (or use it in `with`) when stopping before its end."""
         if int(epoch) < 0 or int(skip_batches) < 0:
             raise CapfastError(f"epoch and skip_batches must be >= 0, got {epoch} and {skip_batches}")
         indices = self.rank_order(int(epoch))[int(skip_batches) * self.settings.batch_size:]
-        return self._batches(indices, int(epoch), int(skip_batches))
-
-    def _batches(self, indices: np.ndarray, epoch: int, first: int) -> Iterator[Batch]:
         if len(indices) == 0:
-            return
+            return EpochBatches(iter(()), self._hand_over)
+        prepared = functools.partial(self._prepared, indices, int(epoch), int(skip_batches))
+        if self.settings.prefetch == 0:
+            return EpochBatches(_one_ahead(prepared()) if self.on_cuda else prepared(), self._hand_over)
+        producer = Producer(prepared, self.settings.prefetch, thread_context=self._device_context,
+                            name=f"capfast-producer-{self.shard.rank}")
+        return EpochBatches(producer, self._hand_over)
+
+    def _prepared(self, indices: np.ndarray, epoch: int, first: int) -> Iterator[tuple]:
+        """(Batch, CUDA ready event or None) for each batch: on the producer thread, or the consumer's when
+        prefetch=0. Batch b's records are done with before batch b+1 is read: ffcv reuses its buffers."""
         raw_batches = self._read(indices)
         try:
-            numbered = enumerate(raw_batches, start=first)
-            if self.on_cuda:
-                yield from self._prefetched(numbered, epoch)
-            else:
-                for b, raw in numbered:
-                    yield self._cpu_batch(raw, epoch, b)
+            for b, raw in enumerate(raw_batches, start=first):
+                yield self._cuda_batch(raw, epoch, b) if self.on_cuda else (self._cpu_batch(raw, epoch, b), None)
         finally:
             raw_batches.close()
 
@@ -145,20 +160,21 @@ class CaptionLoader:
 
         from capfast.data.ffcv_ops import GuardedEpochIterator
 
-        with self._device_context(), torch_threads_kept():
+        # ffcv's iterator records CUDA events on the stream current here and makes its own streams wait on them:
+        # the loader's stream keeps that bookkeeping away from the training stream.
+        with self._stream_context(), torch_threads_kept():
             Compiler.set_num_threads(self.settings.workers)
             return GuardedEpochIterator(self._ffcv, indices)
 
-    def _prefetched(self, numbered, epoch: int) -> Iterator[Batch]:
-        """Launches batch n+1 on the side stream before handing batch n to the consumer."""
-        pending = None
-        for b, raw in numbered:
-            launched = self._cuda_batch(raw, epoch, b)
-            if pending is not None:
-                yield self._hand_over(*pending)
-            pending = launched
-        if pending is not None:
-            yield self._hand_over(*pending)
+    def _hand_over(self, batch: Batch, ready) -> Batch:
+        """In the consumer's thread: its stream waits for the batch's work (no host block)."""
+        if ready is None:
+            return batch
+        consumer = torch.cuda.current_stream(self.settings.device)
+        consumer.wait_event(ready)
+        for tensor in batch.tensors():
+            tensor.record_stream(consumer)  # the allocator must not recycle it while the consumer still reads it
+        return batch
 
     # ---- one batch ------------------------------------------------------------------------------------
 
@@ -189,9 +205,11 @@ class CaptionLoader:
         if self.on_cuda:
             return None
         size = self.settings.image_size
-        if self._resized is None or len(self._resized) < n:
-            self._resized = torch.empty((n, 3, size, size), dtype=torch.uint8, memory_format=torch.channels_last)
-        return self._resized[:n]
+        resized = getattr(self._scratch, "resized", None)
+        if resized is None or len(resized) < n:
+            resized = self._scratch.resized = torch.empty((n, 3, size, size), dtype=torch.uint8,
+                                                          memory_format=torch.channels_last)
+        return resized[:n]
 
     def _cpu_batch(self, raw, epoch: int, b: int) -> Batch:
         out = dict(zip(self._ffcv.pipeline_specs, raw))
@@ -201,13 +219,23 @@ class CaptionLoader:
         return Batch(images, *self._labels(out))
 
     def _cuda_batch(self, raw, epoch: int, b: int):
-        """Enqueues decode + transforms of one batch on the side stream; returns (Batch, ready event)."""
+        """Decodes and transforms one batch on the loader's stream; returns (Batch, its ready event).
+
+        nvJPEG writes into its freshly allocated outputs when decode is called, not in stream order (see
+        decode_jpegs). The allocator hands out blocks last used on the allocating stream, here the loader's, so
+        no work on that stream may still be queued when decode is called: _wait_idle first, under a process-wide
+        lock so that no other producer (another epoch, another loader whose pooled stream may be the same CUDA
+        stream) queues work in between. The consumer's stream reads the batch after the ready event, and
+        record_stream in _hand_over keeps the allocator from recycling the batch's blocks before that stream's
+        work on them has finished: such a block becomes free only once the consumer's work is really done, so
+        an immediate nvJPEG write into it is safe too.
+        """
         out = dict(zip(self._ffcv.pipeline_specs, raw))
         boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
-        self._stream.synchronize()  # see decode_jpegs: nothing may be queued on the decoding stream
-        with torch.cuda.stream(self._stream):
-            labels = self._labels(out)  # synchronous copies, before the stream has work queued
-            images = self._images(out, boxes, factors)
+        with _CUDA_ENQUEUE, self._stream_context():
+            _wait_idle(self._stream)
+            images = self._images(out, boxes, factors)  # the decode first, while the stream is idle
+            labels = self._labels(out)
             ready = torch.cuda.Event()
             ready.record(self._stream)
         return Batch(images, *labels), ready
@@ -217,33 +245,41 @@ class CaptionLoader:
         if self.settings.decoder == "ffcv":
             decoded = out[schema.IMAGE].permute(0, 3, 1, 2)
         else:
-            from capfast.data.jpeg import decode_jpegs
-
-            encoded = [out[schema.IMAGE][i, :n] for i, n in enumerate(out[IMAGE_INFO][:, 2].tolist())]
-            decoded = augment.pad_images(decode_jpegs(encoded, self.settings.device))
+            decoded = self._decoded_jpegs(out)
         return self._finish_images(decoded, boxes, factors)
 
-    def _hand_over(self, batch: Batch, ready) -> Batch:
-        consumer = torch.cuda.current_stream(self.settings.device)
-        consumer.wait_event(ready)
-        for tensor in batch.tensors():
-            tensor.record_stream(consumer)  # the allocator must not recycle it while the consumer still reads it
-        return batch
+    def _decoded_jpegs(self, out: dict) -> torch.Tensor:
+        """uint8 [B, 3, H_max, W_max]: one decode_jpegs call on the batch's JPEGs, which JpegBytesDecoder stored
+        back to back, so one torch.split cuts them apart."""
+        from capfast.data.jpeg import decode_jpegs
+
+        info = out[IMAGE_INFO]
+        nbytes = info[:, 2]
+        packed = out[schema.IMAGE].view(-1)[:int(nbytes.sum())]
+        decoded = decode_jpegs(list(torch.split(packed, nbytes.tolist())), self.settings.device)
+        sizes = info[:, :2]
+        if bool((sizes == sizes[0]).all()):
+            return torch.stack(decoded)
+        return augment.pad_images(decoded)
 
     def _labels(self, out: dict) -> tuple:
-        """captions, ncaptions, image_ids as int64 copies on the device (ffcv reuses its buffers)."""
+        """captions, ncaptions, image_ids as int64 copies on the device (ffcv reuses its buffers). To CUDA through
+        pinned memory: no host sync, and no wait for the stream's queued work."""
         device = self.settings.device
 
         def owned(t):
-            return t.to(device=device, dtype=torch.int64, copy=True)
+            return augment.to_device(t.to(dtype=torch.int64, copy=True), device)
 
         return owned(out[schema.CAPTIONS]), owned(out[schema.NCAPTIONS].view(-1)), owned(out[schema.IMAGE_ID].view(-1))
 
     # ---- ffcv setup -----------------------------------------------------------------------------------
 
     def _device_context(self):
-        # ffcv creates CUDA streams on the current device: make it ours, not cuda:0 on every rank
+        # ffcv creates CUDA streams on the current device, and a new thread starts on cuda:0: make it ours
         return torch.cuda.device(self.settings.device) if self.on_cuda else contextlib.nullcontext()
+
+    def _stream_context(self):
+        return torch.cuda.stream(self._stream) if self.on_cuda else contextlib.nullcontext()
 
     def _ffcv_loader(self):
         from ffcv.loader import Loader, OrderOption
@@ -280,6 +316,29 @@ class CaptionLoader:
         return QuasiRandom(self._ffcv)
 
 
+def _one_ahead(items: Iterator) -> Iterator:
+    """Each item once the next has been computed: on CUDA without a producer, batch n+1's work is queued on the
+    loader's stream before batch n is handed to the consumer."""
+    try:
+        pending = next(items, None)
+        for item in items:
+            yield pending
+            pending = item
+        if pending is not None:
+            yield pending
+    finally:
+        items.close()
+
+
+def _wait_idle(stream) -> None:
+    """Blocks this thread until `stream` has run everything queued on it. Through an event rather than
+    stream.synchronize(): the same wait, but not reported by torch.cuda.set_sync_debug_mode, which is
+    process-wide and is there to catch syncs on the training thread, not this deliberate one on the producer."""
+    idle = torch.cuda.Event()
+    idle.record(stream)
+    idle.synchronize()
+
+
 @contextlib.contextmanager
 def single_torch_thread():
     """ffcv's decode threads already keep the cores busy; torch's intra-op threads competing with them for small
@@ -297,87 +356,3 @@ def torch_threads_kept():
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-# ---- argument checks ---------------------------------------------------------------------------------
-
-def _check_images(reader, beton: str) -> int:
-    """Largest stored JPEG in bytes; CapfastError unless every image is stored as JPEG."""
-    if reader.num_samples == 0:
-        raise CapfastError(f"{beton} has no records")
-    meta = reader.metadata[f"f{reader.field_names.index(schema.IMAGE)}"]
-    if np.any(meta["mode"] != JPG_MODE):
-        raise CapfastError(f"{beton} stores raw (not JPEG) images; convert it again with capfast convert")
-    table = reader.alloc_table
-    by_ptr = np.argsort(table["ptr"])
-    sizes = table["size"][by_ptr][np.searchsorted(table["ptr"][by_ptr], meta["data_ptr"])]
-    return int(sizes.max())
-
-
-def _shard(distributed: bool) -> orders.Shard:
-    if not distributed:
-        return orders.Shard()
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise CapfastError("distributed=True needs torch.distributed initialized first (init_process_group)")
-    return orders.Shard(dist.get_rank(), dist.get_world_size())
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise CapfastError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise CapfastError(f"unknown device {device!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise CapfastError(f"the loader runs on cpu or cuda, not {device.type}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CapfastError("device cuda requested but CUDA is not available")
-    return device
-
-
-def _dtype(dtype) -> torch.dtype:
-    if dtype not in COMPUTE_DTYPES:
-        raise CapfastError(f"image dtype must be one of float32, bfloat16, float16; got {dtype}")
-    return dtype
-
-
-def resolve_workers(num_workers) -> int:
-    """ffcv threads: all cores this process may use (shared by the ranks of a node), clamped, since ffcv
-    raises when asked for more threads than cores."""
-    cores = len(os.sched_getaffinity(0))
-    if num_workers is None:
-        return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    return max(1, min(int(num_workers), cores))
-
-
-def _seed(seed) -> int:
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise CapfastError(f"seed must be an integer >= 0, got {seed!r}")
-    return int(seed)
-
-
-def _order(order: str) -> str:
-    if order not in orders.ORDERS:
-        raise CapfastError(f"unknown order {order!r}; choose one of {', '.join(orders.ORDERS)}")
-    return order
-
-
-def _range(values, what: str, upper) -> tuple:
-    low, high = (float(v) for v in values)
-    if not (0 < low <= high) or (upper is not None and high > upper):
-        bound = f" and at most {upper}" if upper is not None else ""
-        raise CapfastError(f"{what} must be (low, high) with 0 < low <= high{bound}, got {tuple(values)}")
-    return low, high
-
-
-def _jitter(strength) -> float:
-    if not 0 <= float(strength) < 1:
-        raise CapfastError(f"color jitter must be in [0, 1), got {strength}")
-    return float(strength)

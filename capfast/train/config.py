@@ -21,6 +21,7 @@ class DataConfig:
     os_cache: bool = True
     crop_scale: tuple = (0.35, 1.0)
     color_jitter: float = 0.0
+    prefetch: int = 3             # batches a producer thread prepares ahead of training, >= 0 (0 = none: synchronous)
 
 
 @dataclass

@@ -90,7 +90,8 @@ class Trainer:
             dtype=self.amp_dtype or torch.float32, image_size=self.cfg.data.image_size,
             num_workers=workers, seed=self.cfg.seed, distributed=self.dist.enabled,
             order=self.cfg.data.order if train else "sequential", os_cache=self.cfg.data.os_cache,
-            crop_scale=self.cfg.data.crop_scale, color_jitter=self.cfg.data.color_jitter if train else 0.0)
+            crop_scale=self.cfg.data.crop_scale, color_jitter=self.cfg.data.color_jitter if train else 0.0,
+            prefetch=self.cfg.data.prefetch)
 
     def _set_encoder_trainable(self, epoch: int) -> None:
         """Freezes or unfreezes the encoder for this epoch; (re)wraps DDP/compile when that changes."""
