@@ -85,6 +85,41 @@ def test_loss_differentiates_the_distribution_the_samples_came_from():
     assert objective.pop_stats()["scst/entropy"] > 0
 
 
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_advantage_is_the_reward_minus_the_configured_baseline(baseline):
+    """mean: the average reward of the image's other samples; greedy: the greedy caption's (row 0) reward."""
+    from capfast.cider import CiderD
+    from capfast.train.scst import ScstBatch, SelfCritical
+    from capfast.vocab import SPECIALS
+
+    words = list(SPECIALS) + ["a", "red", "blue", "circle", "square", "big"]
+    ids = {w: i for i, w in enumerate(words)}
+    reward = CiderD.from_token_lists({10: [["a", "red", "circle"], ["a", "big", "red", "circle"]],
+                                      11: [["a", "blue", "square"]], 12: [["big", "square"]]}, words)
+    captions = [["a", "red", "circle"], ["red", "circle"], ["a", "big", "red", "circle"], ["blue"],
+                ["a", "blue", "square"], ["square"], ["a", "blue"], ["a", "red", "circle"]]
+    rows = torch.zeros(2, 4, 6, dtype=torch.long)
+    for i, caption in enumerate(captions):
+        rows[i // 4, i % 4, :len(caption) + 1] = torch.tensor([ids[w] for w in caption] + [ids["<eos>"]])
+    image_ids = torch.tensor([10, 11])
+    r = reward.score(rows.flatten(0, 1).numpy(), image_ids.repeat_interleave(4).numpy(), ids["<eos>"]).reshape(2, 4)
+    assert len(set(r.flatten().round(9))) > 4  # distinct rewards: a wrong baseline cannot pass by accident
+
+    cfg = load_config(None, [f"scst.baseline=\"{baseline}\"", f"scst.samples={4 - (baseline == 'greedy')}"])
+    objective = SelfCritical(cfg, reward, rank=0, amp_dtype=None)
+    got = objective.advantages(ScstBatch(None, torch.zeros(1), rows.numpy(), image_ids.numpy())).double()
+    if baseline == "mean":
+        want = [[r[b, k] - sum(r[b, j] for j in range(4) if j != k) / 3 for k in range(4)] for b in range(2)]
+        samples = r
+    else:
+        want = [[r[b, k] - r[b, 0] for k in range(1, 4)] for b in range(2)]
+        samples = r[:, 1:]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-6)
+    stats = objective.pop_stats()
+    assert stats["scst/reward"] == pytest.approx(samples.mean())
+    assert stats["scst/baseline"] == pytest.approx(float(samples.mean() - torch.tensor(want).mean()))
+
+
 # ---- training runs -------------------------------------------------------------------------------------
 
 def train(data, out, *overrides, resume=False):
