@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from capfast import checkpoint
 from capfast.models import ModelConfig, build_captioner
 from capfast.sampling import sample_captions
 from capfast.train.config import load_config
@@ -152,6 +153,20 @@ def test_scst_run_logs_its_scalars_and_resumes_exactly(converted, xe_checkpoint,
     assert all(1 <= v <= 8 for v in full["scst/sample_len"].values())
     assert all(v == pytest.approx(0, abs=1e-9) for v in full["scst/advantage"].values())  # mean baseline
     assert (converted / "cider_train.npz").is_file()
+    start, end = checkpoint.load(xe_checkpoint)["model"], checkpoint.load(tmp_path / "full" / "last.pt")["model"]
+    assert not torch.equal(start["encoder.trunk.conv1.weight"], end["encoder.trunk.conv1.weight"])  # trainable (cpu_smoke)
+
+
+def test_scst_in_bf16_with_a_frozen_encoder(converted, xe_checkpoint, tmp_path, tb_scalars):
+    train(converted, tmp_path / "run", *SCST, f"init_from=\"{xe_checkpoint}\"", "scst.baseline=\"greedy\"",
+          "precision=\"bf16\"", "encoder_trainable_from_epoch=-1", "max_steps=2")
+    scalars = tb_scalars(tmp_path / "run")
+    assert sorted(scalars["scst/reward"]) == [1, 2] and max(scalars["scst/reward"].values()) > 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in scalars["train/loss"].values())
+    start, end = checkpoint.load(xe_checkpoint)["model"], checkpoint.load(tmp_path / "run" / "last.pt")["model"]
+    trunk = [name for name in start if name.startswith("encoder.trunk.")]
+    assert trunk and all(torch.equal(start[name], end[name]) for name in trunk)  # weights and BN statistics
+    assert not torch.equal(start["decoder.tok_emb.weight"], end["decoder.tok_emb.weight"])
 
 
 def test_scst_gradient_is_a_mean_over_all_samples_of_the_step(converted, xe_checkpoint, tmp_path):
