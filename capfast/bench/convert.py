@@ -92,7 +92,7 @@ def capfast_convert(root: Path, out: Path, workers: int) -> float:
     return time.perf_counter() - started
 
 
-def run(n_images: int, workers: int | None, rounds: int = 2, side_range=(480, 640)) -> dict:
+def run(n_images: int, workers: int | None, rounds: int = 2, side_range=(480, 640), textured: bool = False) -> dict:
     import ffcv.writer  # noqa: F401  (pay the import before timing)
 
     from capfast.convert import default_workers
@@ -101,7 +101,8 @@ def run(n_images: int, workers: int | None, rounds: int = 2, side_range=(480, 64
     workers = workers or default_workers()
     best = {"capfast": float("inf"), "baseline": float("inf"), "ffcv": float("inf")}
     with tempfile.TemporaryDirectory(prefix="capfast-bench-convert-") as tmp:
-        root = make_synthetic_coco(Path(tmp) / "coco", n_train=n_images, n_val=0, seed=0, side_range=side_range)
+        root = make_synthetic_coco(Path(tmp) / "coco", n_train=n_images, n_val=0, seed=0, side_range=side_range,
+                                  texture=textured)
         paths = sorted((root / "images" / "train").glob("*.jpg"))
         for _ in range(rounds):
             best["capfast"] = min(best["capfast"], capfast_convert(root, Path(tmp) / "out", workers))
@@ -118,16 +119,19 @@ def run(n_images: int, workers: int | None, rounds: int = 2, side_range=(480, 64
               help="Synthetic images (480-640 px); small runs are dominated by fixed start-up costs.")
 @click.option("--workers", type=int, default=None, help="Processes for each contender [default: all cores].")
 @click.option("--rounds", type=int, default=2, show_default=True, help="Runs of each contender; the best counts.")
-def command(n_images, workers, rounds):
+@click.option("--textured", is_flag=True, help="Photo-like source images (JPEG sizes closer to COCO photos' than "
+              "flat shapes'): decoding them costs what real photos cost.")
+def command(n_images, workers, rounds, textured):
     """Time `capfast convert` against a PIL resize+encode loop and ffcv's own writer, all on the same images
     with the same number of processes. The ffcv writer is fed images its workers decode (PIL) and resize to 256²
     (OpenCV INTER_AREA), then JPEG-encodes them at q90 and writes an image + image-id beton; capfast's time
     also covers annotations, tokenizing, vocabulary, refs and meta.json."""
     if n_images < 1 or rounds < 1 or (workers is not None and workers < 1):
         raise CapfastError("--images, --rounds and --workers must be >= 1")
-    result = run(n_images, workers, rounds)
+    result = run(n_images, workers, rounds, textured=textured)
     processes = f"{result['workers']} processes"
-    click.echo(f"{result['images']} synthetic images of 480-640 px, mean {result['input_kb']:.0f} KB -> 256² JPEG q90")
+    kind = "textured (photo-like)" if textured else "flat-shape"
+    click.echo(f"{result['images']} synthetic {kind} images of 480-640 px, mean {result['input_kb']:.0f} KB -> 256² JPEG q90")
     click.echo(f"capfast convert ({processes}):        {result['capfast_img_s']:.1f} img/s")
     click.echo(f"PIL decode+resize+encode loop ({processes}): {result['baseline_img_s']:.1f} img/s")
     click.echo(f"ffcv DatasetWriter, jpg ({processes}):  {result['ffcv_img_s']:.1f} img/s")
