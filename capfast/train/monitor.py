@@ -94,7 +94,7 @@ class Monitor:
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
         if initial_step == 0:  # once per run: a resumed run's earlier event files hold them already
-            dashboard.write_layout(self.writer)
+            dashboard.write_layout(self.writer, cfg.objective)
             dashboard.write_session_start(self.writer, to_dict(cfg))
 
     def steps(self, records: list[dict]) -> None:
