@@ -47,11 +47,24 @@ class EvalConfig:
 
 
 @dataclass
+class ScstConfig:
+    """Self-critical sequence training (objective = "scst"): reward = CIDEr-D against the training references."""
+
+    samples: int = 5              # sampled captions per image, >= 1 (>= 2 with baseline = "mean")
+    baseline: str = "mean"        # mean: of the image's other samples' rewards | greedy: the greedy caption's
+    max_len: int = 16             # longest sampled caption in tokens, eos included (1 .. model.max_positions - 1)
+    temperature: float = 1.0      # > 0; sampling (and the gradient) use softmax(logits / temperature)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
+    objective: str = "xe"         # xe: cross-entropy on the references | scst: self-critical (see [scst])
+    init_from: str = ""           # checkpoint to start from: its model config and weights (not its optimizer/step)
     epochs: int = 10
     max_steps: int = 0            # stop after this many optimizer steps (0 = run all epochs)
     encoder_trainable_from_epoch: int = -1   # -1 keeps the encoder frozen; 0 fine-tunes from the start
@@ -65,7 +78,7 @@ class TrainConfig:
     progress_seconds: float = 30.0  # >= 0; stdout not a terminal: a progress line at most this often; 0 = every step
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "scst": ScstConfig}
 
 
 def all_keys() -> list[str]:
