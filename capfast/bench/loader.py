@@ -1,21 +1,32 @@
-"""`capfast bench loader`: capfast's loader vs a torch DataLoader that PIL-decodes the same JPEG bytes.
+"""`capfast bench loader`: capfast's loader vs two baselines on the same beton, in the same run.
 
-Both produce the same thing: random-resized crops (same size, scale and ratio), normalized float tensors,
-captions, on the chosen device. The baseline's bytes are read out of the beton once, before timing, so it pays
-no file I/O that capfast pays. Warm-up batches (numba compilation, worker start-up) are not timed.
+- `--baseline pil` (or plain `--baseline`): a torch DataLoader that PIL-decodes the same JPEG bytes, as a typical
+  captioning repo does. It produces what capfast does: random-resized crops (same size, scale and ratio),
+  normalized float tensors, captions, on the chosen device. Its bytes are read out of the beton once, before
+  timing, so it pays no file I/O that capfast pays.
+- `--baseline ffcv`: ffcv's own pipeline, RandomResizedCropRGBImageDecoder -> ToTensor -> ToTorchImage, on the
+  same beton, batch, crop size and threads. It does less than capfast: uint8 crops, not normalized, resized with
+  OpenCV's INTER_AREA (no antialiased bilinear, no seeded boxes).
+- `--baseline all`: both.
+
+Warm-up batches (numba compilation, worker start-up) are not timed. With `--rounds N` each contender runs N
+times, interleaved, and its best run counts.
 
 Decoding cost grows with the stored JPEG size (synthetic shapes compress to ~5 KB at 256², COCO photos take
 ~20 KB), so every run prints the beton's mean stored JPEG size. On CUDA it also times one batched decode_jpegs
 of a batch of the same bytes alone, the ceiling the loader can approach, and prints the loader's fraction of it.
 """
 
+import functools
 import io
 import time
+from typing import NamedTuple
 
 import click
 import numpy as np
 import torch
 
+from capfast import schema
 from capfast.errors import CapfastError
 
 WARMUP_BATCHES = 3
@@ -44,18 +55,23 @@ class PilDataset(torch.utils.data.Dataset):
         return self.transform(image), torch.from_numpy(self.captions[i].astype(np.int64))
 
 
-def timed(batches, n: int, batch_size: int, device: torch.device) -> float:
+class Timing(NamedTuple):
+    img_s: float
+    cores: float  # this process's CPU seconds per second while timed (threads; not DataLoader's subprocesses)
+
+
+def timed(batches, n: int, batch_size: int, device: torch.device) -> Timing:
     """img/s over `n` batches after WARMUP_BATCHES; `batches` must yield (images, ...) forever."""
     for _ in range(WARMUP_BATCHES):
         next(batches)
     sync(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(n):
         next(batches)
     sync(device)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     batches.close()  # stops the loader's threads before the other loader is timed
-    return n * batch_size / elapsed
+    return Timing(n * batch_size / elapsed, cpu / elapsed)
 
 
 def sync(device: torch.device) -> None:
@@ -86,7 +102,7 @@ def read_records(beton, count: int):
     return [contents.image_bytes(i) for i in range(count)], contents.captions_of(np.arange(count))
 
 
-def run_capfast(beton, device, batch_size, workers, batches, image_size, prefetch=3) -> float:
+def run_capfast(beton, device, batch_size, workers, batches, image_size, prefetch=3) -> Timing:
     from capfast.data import build_loader
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -96,7 +112,43 @@ def run_capfast(beton, device, batch_size, workers, batches, image_size, prefetc
     return timed(capfast_batches(loader), batches, batch_size, device)
 
 
-def run_baseline(beton, device, batch_size, workers, batches, image_size) -> float:
+def ffcv_batches(loader, device: torch.device):
+    """ffcv's own epochs; each closed (its thread joined) when the timing stops, so none runs on behind it."""
+    from ffcv.pipeline.compiler import Compiler
+
+    from capfast.data.ffcv_ops import GuardedEpochIterator
+
+    while True:
+        Compiler.set_num_threads(loader.num_workers)
+        order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
+        epoch = GuardedEpochIterator(loader, order)  # ffcv's EpochIterator, with a close() that joins its thread
+        try:
+            for batch in epoch:
+                out = dict(zip(loader.pipeline_specs, batch))
+                yield out[schema.IMAGE].to(device), out[schema.CAPTIONS].to(device)
+        finally:
+            epoch.close()
+
+
+def run_ffcv(beton, device, batch_size, workers, batches, image_size) -> Timing:
+    from ffcv.fields.decoders import NDArrayDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from capfast.data.loader import torch_threads_kept
+
+    decoder = RandomResizedCropRGBImageDecoder((image_size, image_size), scale=CROP_SCALE, ratio=CROP_RATIO)
+    pipelines = {schema.IMAGE: [decoder, ToTensor(), ToTorchImage()], schema.CAPTIONS: [NDArrayDecoder(), ToTensor()]}
+    with torch_threads_kept():  # ffcv sets torch's thread count to its own
+        loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=0,
+                        drop_last=True, pipelines=pipelines)
+    if len(loader) == 0:
+        raise CapfastError(f"{beton} has fewer records than one batch of {batch_size}")
+    return timed(ffcv_batches(loader, device), batches, batch_size, device)
+
+
+def run_baseline(beton, device, batch_size, workers, batches, image_size) -> Timing:
     jpegs, captions = read_records(beton, (batches + WARMUP_BATCHES) * batch_size)
     if len(jpegs) < batch_size:
         raise CapfastError(f"{beton} has fewer records than one batch of {batch_size}")
@@ -159,8 +211,12 @@ def jpeg_and_ceiling_figures(beton, device: torch.device, batch_size: int, capfa
 @click.option("--prefetch", default=3, show_default=True, type=click.IntRange(min=0),
               help="Batches the loader's producer thread prepares ahead (0: none, the synchronous path).")
 @click.option("--image-size", default=224, show_default=True, type=int, help="Crop size.")
-@click.option("--baseline", is_flag=True, help="Also time torch DataLoader + PIL decode in the same run.")
-def command(beton, device, batch_size, workers, batches, prefetch, image_size, baseline):
+@click.option("--baseline", type=click.Choice(["pil", "ffcv", "all"]), default=None, is_flag=False, flag_value="pil",
+              help="Also time, in the same run: pil = torch DataLoader + PIL decode (plain --baseline), ffcv = "
+                   "ffcv's own RandomResizedCrop pipeline, all = both.")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Runs of each contender, interleaved; the best counts (shared machines: load comes and goes).")
+def command(beton, device, batch_size, workers, batches, prefetch, image_size, baseline, rounds):
     """Loader throughput (img/s) on the training path: decode, random-resized crop, normalize, on the device."""
     if min(batch_size, batches, image_size) < 1 or (workers is not None and workers < 1):
         raise CapfastError("--batch-size, --batches, --image-size and --workers must be >= 1")
@@ -168,15 +224,35 @@ def command(beton, device, batch_size, workers, batches, prefetch, image_size, b
 
     device = torch.device(device)
     workers = resolve_workers(workers)
-    capfast_img_s = run_capfast(beton, device, batch_size, workers, batches, image_size, prefetch)
+    args = (beton, device, batch_size, workers, batches, image_size)
+    contenders = {"capfast": functools.partial(run_capfast, *args, prefetch)}
+    if baseline in ("pil", "all"):
+        contenders["pil"] = functools.partial(run_baseline, *args)
+    if baseline in ("ffcv", "all"):
+        contenders["ffcv"] = functools.partial(run_ffcv, *args)
+    best = {}
+    for _ in range(rounds):
+        for name, run in contenders.items():
+            timing = run()
+            if name not in best or timing.img_s > best[name].img_s:
+                best[name] = timing
+    report(best, device, workers, batch_size, image_size, prefetch, rounds, beton)
+
+
+def report(best: dict, device, workers, batch_size, image_size, prefetch, rounds, beton) -> None:
+    nan = Timing(float("nan"), float("nan"))
+    capfast, pil, ffcv = best["capfast"], best.get("pil", nan), best.get("ffcv", nan)
+    of_rounds = f", best of {rounds}" if rounds > 1 else ""
     click.echo(f"capfast loader ({device.type}, {workers} workers, batch {batch_size}, {image_size} px, "
-               f"prefetch {prefetch}): {capfast_img_s:.1f} img/s")
-    jpeg_fields = jpeg_and_ceiling_figures(beton, device, batch_size, capfast_img_s)
-    baseline_img_s = ratio = float("nan")
-    if baseline:
-        baseline_img_s = run_baseline(beton, device, batch_size, workers, batches, image_size)
-        ratio = capfast_img_s / baseline_img_s
-        click.echo(f"baseline torch DataLoader + PIL ({workers} workers): {baseline_img_s:.1f} img/s")
+               f"prefetch {prefetch}{of_rounds}): {capfast.img_s:.1f} img/s, {capfast.cores:.2f} cores busy")
+    jpeg_fields = jpeg_and_ceiling_figures(beton, device, batch_size, capfast.img_s)
+    ratio, ffcv_ratio = capfast.img_s / pil.img_s, capfast.img_s / ffcv.img_s
+    if "pil" in best:
+        click.echo(f"baseline torch DataLoader + PIL ({workers} workers): {pil.img_s:.1f} img/s")
         click.echo(f"speedup: {ratio:.2f}x")
-    click.echo(f"capfast_img_s={capfast_img_s:.1f} baseline_img_s={baseline_img_s:.1f} ratio={ratio:.2f} "
-               f"{jpeg_fields}")
+    if "ffcv" in best:
+        click.echo(f"baseline ffcv RandomResizedCropRGBImageDecoder -> ToTensor -> ToTorchImage ({workers} threads, "
+                   f"uint8, not normalized): {ffcv.img_s:.1f} img/s, {ffcv.cores:.2f} cores busy")
+        click.echo(f"capfast / ffcv: {ffcv_ratio:.2f}x")
+    click.echo(f"capfast_img_s={capfast.img_s:.1f} baseline_img_s={pil.img_s:.1f} ratio={ratio:.2f} "
+               f"ffcv_img_s={ffcv.img_s:.1f} ffcv_ratio={ffcv_ratio:.2f} {jpeg_fields}")

@@ -1,9 +1,10 @@
 """Custom ffcv decoders for the `image` field (RGBImageField, mode jpg) and a safer epoch iterator.
 
 ffcv's own image decoders either need one image size (Simple) or crop with an unseeded numba RNG
-(RandomResizedCrop). capfast crops in torch instead, so these decoders only read: the stored JPEG bytes, packed
-(for nvJPEG on the GPU), the full decoded image (libjpeg-turbo on CPU threads), and each image's
-(height, width, nbytes) so torch knows where the real pixels/bytes end in the padded buffers.
+(RandomResizedCrop), and none normalizes. On the CPU, CropResizeDecoder does all of an image's work (decode,
+seeded crop, resize, jitter, normalize) in ffcv's parallel stage, with boxes the loader draws per batch. The GPU
+path crops in torch, so its decoders only read: the stored JPEG bytes, packed (for nvJPEG), and each image's
+(height, width, nbytes) so torch knows where the real bytes end in the packed buffer.
 """
 
 import sys
@@ -18,8 +19,11 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 
+from capfast.data import resize_cpu
+
 UINT8 = np.dtype("<u1")
 INT64 = np.dtype("<i8")
+NO_JITTER = -1.0  # a brightness factor below 0 tells resize_cpu to skip the colour jitter
 
 
 class JpegBytesDecoder(Operation):
@@ -54,38 +58,89 @@ class JpegBytesDecoder(Operation):
         return decode
 
 
-class FullImageDecoder(Operation):
-    """Each sample decoded whole (libjpeg-turbo) into the top-left of a [max_h, max_w, 3] uint8 slot."""
+class CropResizeDecoder(Operation):
+    """Each sample decoded (libjpeg-turbo), cropped, resized to size x size, colour-jittered and normalized
+    (resize_cpu.crop_resize_normalize), in ffcv's parallel stage: the CPU loader's per-image work on all of the
+    loader's threads. Output [size, size, 3] float32, or int16 holding bfloat16 bits.
+
+    ffcv hands a decoder record indices only, so what changes per batch comes from batch_memory(), which
+    GuardedEpochIterator calls on ffcv's thread before each batch: the crop boxes, the jitter factors, and an
+    output array that the batch keeps for as long as it lives (ffcv reuses its own output slots a few batches
+    later, under a consumer that may still hold them).
+    """
+
+    def __init__(self, size: int, dtype: np.dtype, shift, scale):
+        super().__init__()
+        self.size, self.dtype = int(size), np.dtype(dtype)
+        # per-channel normalization constants, repeated along an output row as the kernel reads them
+        self.shift = np.tile(np.asarray(shift, np.float32), self.size)
+        self.scale = np.tile(np.asarray(scale, np.float32), self.size)
 
     def declare_state_and_memory(self, previous_state):
-        self.max_h = int(self.metadata["height"].max())
-        self.max_w = int(self.metadata["width"].max())
-        shape = (self.max_h, self.max_w, 3)
-        scratch = AllocationQuery((self.max_h * self.max_w * 3,), UINT8)
-        state = replace(previous_state, jit_mode=True, shape=shape, dtype=UINT8)
-        return state, (AllocationQuery(shape, UINT8), scratch)
+        self.max_pixels = int(self.metadata["height"].max()) * int(self.metadata["width"].max())
+        state = replace(previous_state, jit_mode=True, shape=(self.size, self.size, 3), dtype=self.dtype)
+        placeholder = AllocationQuery((1,), UINT8)  # batch_memory() provides the real buffers
+        return state, (placeholder,) * 4
+
+    def sizes(self, records: np.ndarray) -> np.ndarray:
+        """int64 [n, 2]: (height, width) of each record."""
+        rows = self.metadata[records]
+        return np.stack([rows["height"], rows["width"]], axis=1).astype(np.int64)
+
+    def epoch_buffers(self, batch_size: int, alive: int) -> "StageBuffers":
+        """Buffers for one epoch iterator's batches (two epochs may run at once, so none are shared); `alive`:
+        how many of its batches the loader may hold at once (more get arrays of their own)."""
+        return StageBuffers((batch_size, self.size, self.size, 3), self.dtype, batch_size * self.max_pixels * 3,
+                            alive)
+
+    def batch_memory(self, boxes: np.ndarray, factors, buffers: "StageBuffers") -> tuple:
+        """(output, decode scratch, boxes, factors): the decode function's memory for one batch of len(boxes)."""
+        n = len(boxes)
+        if factors is None:
+            factors = np.full((n, 3), NO_JITTER, np.float32)
+        return (buffers.output(n), buffers.scratch.reshape(-1, self.max_pixels * 3),
+                np.ascontiguousarray(boxes, INT64), np.ascontiguousarray(factors, np.float32))
 
     def generate_code(self):
         mem_read = self.memory_read
         decode_c = Compiler.compile(imdecode)
         my_range = Compiler.get_iterator()
-        max_w = self.max_w
+        finish = resize_cpu.crop_resize_normalize
+        shift, scale, size = self.shift, self.scale, self.size
 
-        def decode(batch_indices, storage, metadata, storage_state):
-            destination, scratch = storage
+        def decode(batch_indices, memory, metadata, storage_state):
+            out, scratch, boxes, factors = memory
             for i in my_range(len(batch_indices)):
                 field = metadata[batch_indices[i]]
                 data = mem_read(field["data_ptr"], storage_state)
                 h, w = np.uint32(field["height"]), np.uint32(field["width"])
-                if w == max_w:  # rows already have the slot's stride: decode in place
-                    decode_c(data, destination[i], h, w, h, w, 0, 0, 1, 1, False, False)
-                else:
-                    decode_c(data, scratch[i], h, w, h, w, 0, 0, 1, 1, False, False)
-                    destination[i, :h, :w] = scratch[i][: h * w * 3].reshape(h, w, 3)
-            return destination[: len(batch_indices)]
+                decode_c(data, scratch[i], h, w, h, w, 0, 0, 1, 1, False, False)
+                image = scratch[i][: h * w * 3].reshape(h, w * 3)
+                finish(image, boxes[i], factors[i], shift, scale, out[i].reshape(size, size * 3))
+            return out
 
         decode.is_parallel = True
         return decode
+
+
+class StageBuffers:
+    """One epoch iterator's decode scratch and output arrays. An output array is handed out again once nothing
+    but this pool references it (the consumer has dropped its batch): a fresh array per batch would page-fault
+    every 4 KB of it, which cost a third as much as the resize itself."""
+
+    def __init__(self, output_shape: tuple, dtype: np.dtype, scratch_bytes: int, pool_size: int):
+        self.output_shape, self.dtype, self.pool_size = output_shape, dtype, pool_size
+        self.scratch = np.empty(scratch_bytes, UINT8)
+        self.pool = []
+
+    def output(self, n: int) -> np.ndarray:
+        for array in self.pool:
+            if sys.getrefcount(array) == 3:  # the pool's list, `array`, getrefcount's argument
+                return array[:n]
+        array = np.empty(self.output_shape, self.dtype)
+        if len(self.pool) < self.pool_size:
+            self.pool.append(array)
+        return array[:n]
 
 
 class ImageInfoDecoder(Operation):
@@ -113,9 +168,27 @@ class GuardedEpochIterator(EpochIterator):
     """ffcv's epoch iterator over an explicit order, except that an error in its worker thread is raised in the
     consumer (ffcv's own leaves the consumer blocked on the queue forever), and close() stops the thread after
     the batch it is reading (ffcv's own reads on to the end of the epoch once its queue has room) and waits for it
-    and for the process cache's page readers (os_cache=False)."""
+    and for the process cache's page readers (os_cache=False).
+
+    batch_memory: {operation: memory_for(batch number in this iterator, record indices) -> tuple of arrays}: the
+    operation's memory for each batch, in place of ffcv's per-slot buffers (see CropResizeDecoder); called on
+    ffcv's thread just before the batch runs.
+    """
 
     _closed = False
+
+    def __init__(self, loader, order, batch_memory=None):
+        nodes = loader.graph.operation_to_node
+        self._batch_memory = {nodes[op][0].id: memory_for for op, memory_for in (batch_memory or {}).items()}
+        super().__init__(loader, order)  # starts the thread
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if self.terminate_event.is_set():
+            raise _Stopped
+        allocations = self.memory_allocations["operation"]
+        for node_id, memory_for in self._batch_memory.items():
+            allocations[node_id] = tuple(_EverySlot(a) for a in memory_for(b_ix, batch_indices))
+        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
 
     def run(self):
         try:
@@ -124,11 +197,6 @@ class GuardedEpochIterator(EpochIterator):
             pass
         except Exception as error:  # re-raised in __next__, in the consumer's thread
             self._put(_Failure(error))
-
-    def run_pipeline(self, *args, **kwargs):
-        if self.terminate_event.is_set():
-            raise _Stopped
-        return super().run_pipeline(*args, **kwargs)
 
     def _put(self, item) -> None:
         while not self.terminate_event.is_set():
@@ -173,6 +241,16 @@ class GuardedEpochIterator(EpochIterator):
                 self.output_queue.get_nowait()
             except Empty:
                 return
+
+
+class _EverySlot:
+    """Stands in for one of ffcv's per-slot buffers (indexed [slot][:batch size]): the same array in every slot."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __getitem__(self, slot) -> np.ndarray:
+        return self.array
 
 
 class _Stopped(Exception):

@@ -3,9 +3,11 @@
 ffcv reads records on its own thread. A producer thread per epoch (capfast/data/producer.py) turns them into
 batches `prefetch` ahead of the consumer: on CUDA it hands the stored JPEG bytes to nvJPEG and runs the
 crop/jitter/normalize batched on the loader's own stream, recording an event per batch that the consumer's stream
-waits on; without CUDA, ffcv decodes with libjpeg-turbo on its worker threads and the same torch transforms run
-on the CPU. prefetch=0 does the same work on the consumer's thread. Crops are drawn from a generator seeded by
-(seed, epoch, batch, rank), so every path, and a run resumed with skip_batches, sees the same batches.
+waits on. Without CUDA, each image is decoded (libjpeg-turbo), cropped, resized, jittered and normalized inside
+ffcv's parallel stage, on the loader's `workers` threads (ffcv_ops.CropResizeDecoder), and the producer only
+wraps the finished arrays. prefetch=0 does the producer's work on the consumer's thread. Crops are drawn from a
+generator seeded by (seed, epoch, batch, rank), so every path, and a run resumed with skip_batches, sees the same
+batches.
 """
 
 import contextlib
@@ -148,14 +150,14 @@ class CaptionLoader:
     def _prepared(self, indices: np.ndarray, epoch: int, first: int) -> Iterator[tuple]:
         """(Batch, CUDA ready event or None) for each batch: on the producer thread, or the consumer's when
         prefetch=0. Batch b's records are done with before batch b+1 is read: ffcv reuses its buffers."""
-        raw_batches = self._read(indices)
+        raw_batches = self._read(indices, epoch, first)
         try:
             for b, raw in enumerate(raw_batches, start=first):
                 yield self._cuda_batch(raw, epoch, b) if self.on_cuda else (self._cpu_batch(raw, epoch, b), None)
         finally:
             raw_batches.close()
 
-    def _read(self, indices: np.ndarray):
+    def _read(self, indices: np.ndarray, epoch: int, first: int):
         from ffcv.pipeline.compiler import Compiler
 
         from capfast.data.ffcv_ops import GuardedEpochIterator
@@ -164,7 +166,22 @@ class CaptionLoader:
         # the loader's stream keeps that bookkeeping away from the training stream.
         with self._stream_context(), torch_threads_kept():
             Compiler.set_num_threads(self.settings.workers)
-            return GuardedEpochIterator(self._ffcv, indices)
+            return GuardedEpochIterator(self._ffcv, indices, batch_memory=self._stage_memory(epoch, first))
+
+    def _stage_memory(self, epoch: int, first: int) -> dict:
+        """CPU: CropResizeDecoder's memory for each batch of this iterator (boxes drawn as on the GPU path)."""
+        if self.settings.decoder != "ffcv":
+            return {}
+        decoder = self._ffcv.pipeline_specs[schema.IMAGE].decoder
+        # batches alive at once: ffcv's slots, the producer's queue, the one it is putting, the consumer's last two
+        alive = self._ffcv.batches_ahead + 2 + self.settings.prefetch + 3
+        buffers = decoder.epoch_buffers(self.settings.batch_size, alive)
+
+        def memory_for(b: int, records: np.ndarray) -> tuple:
+            boxes, factors = self._augmentation(torch.from_numpy(decoder.sizes(records)), epoch, first + b)
+            return decoder.batch_memory(boxes.numpy(), None if factors is None else factors.numpy(), buffers)
+
+        return {decoder: memory_for}
 
     def _hand_over(self, batch: Batch, ready) -> Batch:
         """In the consumer's thread: its stream waits for the batch's work (no host block)."""
@@ -213,10 +230,20 @@ class CaptionLoader:
 
     def _cpu_batch(self, raw, epoch: int, b: int) -> Batch:
         out = dict(zip(self._ffcv.pipeline_specs, raw))
+        if self.settings.decoder == "ffcv":  # cropped, resized and normalized in ffcv's stage already
+            return Batch(self._stage_images(out[schema.IMAGE]), *self._labels(out))
         boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
         with single_torch_thread():
             images = self._images(out, boxes, factors)
         return Batch(images, *self._labels(out))
+
+    def _stage_images(self, images: torch.Tensor) -> torch.Tensor:
+        """CropResizeDecoder's [B, S, S, 3] output as the model's [B, 3, S, S] channels_last input."""
+        dtype = self.settings.dtype
+        if dtype == torch.bfloat16:
+            images = images.view(torch.bfloat16)
+        images = images.permute(0, 3, 1, 2)
+        return images.to(dtype) if images.dtype != dtype else images  # float16: computed as float32
 
     def _cuda_batch(self, raw, epoch: int, b: int):
         """Decodes and transforms one batch on the loader's stream; returns (Batch, its ready event).
@@ -241,12 +268,8 @@ class CaptionLoader:
         return Batch(images, *labels), ready
 
     def _images(self, out: dict, boxes, factors) -> torch.Tensor:
-        """The batch's model input, from ffcv's decoded pixels or from the JPEG bytes (nvJPEG on CUDA)."""
-        if self.settings.decoder == "ffcv":
-            decoded = out[schema.IMAGE].permute(0, 3, 1, 2)
-        else:
-            decoded = self._decoded_jpegs(out)
-        return self._finish_images(decoded, boxes, factors)
+        """The batch's model input from the JPEG bytes (nvJPEG on CUDA)."""
+        return self._finish_images(self._decoded_jpegs(out), boxes, factors)
 
     def _decoded_jpegs(self, out: dict) -> torch.Tensor:
         """uint8 [B, 3, H_max, W_max]: one decode_jpegs call on the batch's JPEGs, which JpegBytesDecoder stored
@@ -297,10 +320,12 @@ class CaptionLoader:
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToTensor
 
-        from capfast.data.ffcv_ops import FullImageDecoder, ImageInfoDecoder, JpegBytesDecoder
+        from capfast.data.ffcv_ops import ImageInfoDecoder, JpegBytesDecoder
 
-        ffcv_decodes = self.settings.decoder == "ffcv"
-        image_decoder = FullImageDecoder() if ffcv_decodes else JpegBytesDecoder(self.max_jpeg_bytes)
+        if self.settings.decoder == "ffcv":
+            image_decoder = self._crop_resize_decoder()
+        else:
+            image_decoder = JpegBytesDecoder(self.max_jpeg_bytes)
         return {
             schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=image_decoder, transforms=[ToTensor()]),
             schema.CAPTIONS: PipelineSpec(schema.CAPTIONS, decoder=NDArrayDecoder(), transforms=[ToTensor()]),
@@ -308,6 +333,14 @@ class CaptionLoader:
             schema.IMAGE_ID: PipelineSpec(schema.IMAGE_ID, decoder=IntDecoder(), transforms=[ToTensor()]),
             IMAGE_INFO: PipelineSpec(schema.IMAGE, decoder=ImageInfoDecoder(), transforms=[ToTensor()]),
         }
+
+    def _crop_resize_decoder(self):
+        from capfast.data.ffcv_ops import CropResizeDecoder
+
+        c = augment.constants(torch.device("cpu"))
+        out_dtype = np.int16 if self.settings.dtype == torch.bfloat16 else np.float32  # bfloat16 travels as bits
+        return CropResizeDecoder(self.settings.image_size, out_dtype, c["mean"].view(3).numpy(),
+                                 c["inv_std"].view(3).numpy())
 
     def _quasi_order(self):
         from ffcv.traversal_order import QuasiRandom

@@ -18,6 +18,10 @@ def split_name(name: str) -> str | None:
     return None if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else "a split name (letters, digits, _ - .)"
 
 
+OBJECTIVES = ("xe", "scst")
+SCST_BASELINES = ("mean", "greedy")
+
+
 @dataclass
 class DataConfig:
     train_split: str = option("train", check=split_name)
@@ -55,11 +59,24 @@ class EvalConfig:
 
 
 @dataclass
+class ScstConfig:
+    """Self-critical sequence training (objective = "scst"): reward = CIDEr-D against the training references."""
+
+    samples: int = option(5, min=1)              # sampled captions per image (>= 2 with baseline = "mean")
+    baseline: str = option("mean", choices=SCST_BASELINES)  # mean: of the image's other samples' rewards | greedy
+    max_len: int = option(16, min=1)             # longest sampled caption in tokens, eos included (< model.max_positions)
+    temperature: float = option(1.0, above=0)    # sampling (and the gradient) use softmax(logits / temperature)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
+    objective: str = option("xe", choices=OBJECTIVES)  # xe: cross-entropy on the references | scst: self-critical
+    init_from: str = option("")                  # checkpoint to start from: its model config and weights (not its optimizer/step)
     epochs: int = option(10, min=1)
     max_steps: int = option(0, min=0)            # stop after this many optimizer steps (0 = run all epochs)
     encoder_trainable_from_epoch: int = option(-1, min=-1)  # -1 keeps the encoder frozen; 0 fine-tunes from the start
@@ -73,7 +90,7 @@ class TrainConfig:
     progress_seconds: float = option(30.0, min=0)  # stdout not a terminal: a progress line at most this often; 0 = every step
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "scst": ScstConfig}
 
 
 def all_keys() -> list[str]:

@@ -25,12 +25,19 @@ LAYOUT = {
         # synthetic data only (capfast/attributes.py): does a caption name what the image shows?
         "attributes named right": ["val/accuracy/colour", "val/accuracy/shape", "val/accuracy/position"],
     },
+    "SCST": {  # objective = "scst" only
+        "reward (CIDEr-D) and baseline": ["scst/reward", "scst/baseline"],
+        "advantage": ["scst/advantage", "scst/advantage_std"],
+        "sample length (words)": ["scst/sample_len"],
+        "entropy (nats/token)": ["scst/entropy"],
+        "reward time (ms/step)": ["scst/reward_ms"],
+    },
 }
 # Columns of the HParams table: the last value of each tag (best/* are the metrics of best.pt).
 HPARAM_METRICS = ["val/CIDEr", "val/BLEU-4", "best/CIDEr", "best/BLEU-4", "train/loss"]
 
 
-def write_layout(writer) -> None:
+def write_layout(writer, objective: str = "xe") -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
     from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
@@ -38,6 +45,8 @@ def write_layout(writer) -> None:
 
     categories = []
     for title, charts in LAYOUT.items():
+        if title == "SCST" and objective != "scst":
+            continue
         chart_protos = [layout_pb2.Chart(title=name, multiline=layout_pb2.MultilineChartContent(
             tag=[f"^{re.escape(tag)}$" for tag in tags])) for name, tags in charts.items()]
         categories.append(layout_pb2.Category(title=title, chart=chart_protos))

@@ -29,6 +29,7 @@ def step_scalars(record: dict) -> dict:
         values["perf/ready_batches"] = record["ready_batches"]
     if record.get("gpu_mem_gb") is not None:
         values["perf/gpu_mem_gb"] = record["gpu_mem_gb"]
+    values.update({name: value for name, value in record.items() if name.startswith("scst/")})
     return values
 
 
@@ -93,7 +94,7 @@ class Monitor:
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
         if initial_step == 0:  # once per run: a resumed run's earlier event files hold them already
-            dashboard.write_layout(self.writer)
+            dashboard.write_layout(self.writer, cfg.objective)
             dashboard.write_session_start(self.writer, to_dict(cfg))
 
     def steps(self, records: list[dict]) -> None:

@@ -21,9 +21,10 @@ from capfast import checkpoint, schema
 from capfast.data import build_loader
 from capfast.errors import CapfastError
 from capfast.models import build_captioner
-from capfast.train import distributed, resume
+from capfast.train import distributed, resume, scst
 from capfast.train.config import TrainConfig, to_dict
 from capfast.train.data_check import check_data_dir
+from capfast.train.init_from import initial_weights
 from capfast.train.monitor import Monitor
 from capfast.train.optim import apply_settings, build_optimizer, lr_factor, set_lr
 from capfast.train.precision import autocast_context, resolve_device, resolve_precision
@@ -51,9 +52,13 @@ class Trainer:
         self.config_changes = {}   # on resume: {key: (checkpoint's value, this run's value)}, all applied
         self.config_history = []   # every resume's changes: [{"step", "changes"}], kept in the checkpoints
 
+        weights = initial_weights(cfg, self.vocab)  # init_from: also adopts that checkpoint's cfg.model
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_captioner(cfg.model, vocab_size=len(self.vocab),
-                                     load_encoder_weights=not resume).to(self.device)
+                                     load_encoder_weights=not resume and weights is None).to(self.device)
+        if weights is not None:
+            self.model.load_state_dict(weights)
+        self.scst = scst.build(cfg, self.data_dir, self.vocab, self.dist, self.amp_dtype)  # None for "xe"
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
@@ -168,31 +173,43 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         images = sum(b.images.shape[0] for b in micro_batches) * self.dist.world_size
-        return {"loss": loss.detach(), "lr": self.optimizer.param_groups[0]["lr"], "images": images}
+        return {"loss": loss.detach(), "lr": self.optimizer.param_groups[0]["lr"], "images": images,
+                **(self.scst.pop_stats() if self.scst else {})}
 
     def _accumulate_gradients(self, micro_batches: list) -> torch.Tensor:
-        """Gradients of the mean token loss over every caption token of the step, on all ranks together:
-        k micro-batches x N ranks give the gradient of one batch k*N times as large. Returns that mean loss."""
-        pad = self.vocab.pad_id
-        tokens = sum((b.captions[..., 1:] != pad).sum() for b in micro_batches)
-        global_tokens = distributed.all_reduce_sum(tokens.float()).clamp(min=1)
+        """Gradients of the step's mean loss on all ranks together -- cross-entropy per caption token, or SCST's
+        per sampled caption: k micro-batches x N ranks give the gradient of one batch k*N times as large.
+        Returns that mean loss."""
+        if self.scst is not None:
+            self.model.eval()  # SCST trains the test-time policy: see capfast/train/scst.py
+            micro_batches = [self.scst.prepare(self.model, b, self.step, i) for i, b in enumerate(micro_batches)]
+        units = sum(self._loss_units(b) for b in micro_batches)
+        global_units = distributed.all_reduce_sum(units.float()).clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             with self._maybe_no_sync(i == len(micro_batches) - 1):
-                loss_sum += self._forward_backward(batch, global_tokens)
-        return distributed.all_reduce_sum(loss_sum) / global_tokens
+                loss_sum += self._forward_backward(batch, global_units)
+        return distributed.all_reduce_sum(loss_sum) / global_units
 
-    def _forward_backward(self, batch, global_tokens: torch.Tensor) -> torch.Tensor:
-        """Backward of this micro-batch's share of the step's loss; returns its summed token loss."""
+    def _loss_units(self, batch) -> torch.Tensor:
+        """What the loss is a mean of: caption tokens (cross-entropy) or sampled captions (SCST)."""
+        if self.scst is not None:
+            return torch.tensor(batch.captions.shape[0] * batch.captions.shape[1], device=self.device)
+        return (batch.captions[..., 1:] != self.vocab.pad_id).sum()
+
+    def _forward_backward(self, batch, global_units: torch.Tensor) -> torch.Tensor:
+        """Backward of this micro-batch's share of the step's loss; returns its summed loss."""
         with autocast_context(self.device, self.amp_dtype):
             logits = self.train_model(batch.images, batch.captions)
-        targets = batch.captions[..., 1:]
-        token_loss_sum = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
-                                         ignore_index=self.vocab.pad_id, reduction="sum",
-                                         label_smoothing=self.cfg.optim.label_smoothing)
-        # DDP averages gradients over ranks, hence x world_size: the sum over ranks / the global token count.
-        self.scaler.scale(token_loss_sum * self.dist.world_size / global_tokens).backward()
-        return token_loss_sum.detach()
+        if self.scst is not None:
+            loss_sum = self.scst.loss_sum(logits, batch)  # scores the samples on the host meanwhile
+        else:
+            loss_sum = F.cross_entropy(logits.float().flatten(0, -2), batch.captions[..., 1:].flatten(),
+                                       ignore_index=self.vocab.pad_id, reduction="sum",
+                                       label_smoothing=self.cfg.optim.label_smoothing)
+        # DDP averages gradients over ranks, hence x world_size: the sum over ranks / the global count.
+        self.scaler.scale(loss_sum * self.dist.world_size / global_units).backward()
+        return loss_sum.detach()
 
     def _maybe_no_sync(self, sync: bool):
         model = self.train_model
@@ -215,6 +232,9 @@ class Trainer:
         if self.device.type == "cuda":
             host["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # allocator's host counter
         on_device = {"loss": stats["loss"]}
+        for name, value in stats.items():  # the objective's own scalars (scst/...): host numbers or device tensors
+            if name.startswith("scst/"):
+                (on_device if torch.is_tensor(value) else host)[name] = value
         if self.dist.enabled:  # torch.full passes the value as a kernel argument: no host-to-device copy to wait on
             wait = torch.full((), stats["data_wait"], dtype=torch.float32, device=self.device)
             on_device["data_wait_slowest"] = distributed.all_reduce_max(wait)

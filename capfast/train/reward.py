@@ -1,0 +1,86 @@
+"""The SCST reward of a data directory: CIDEr-D against its training references, tables cached beside the data.
+
+The references (refs_SPLIT.json, raw captions as `capfast convert` wrote them) are PTB-tokenized the way the
+COCO caption evaluation tokenizes them, mapped to vocabulary ids and turned into CIDEr-D tables once; the tables
+go to cider_SPLIT.npz in the data directory, keyed by a hash of the references file and the vocabulary, so
+they are rebuilt when either changes. A read-only data directory just means rebuilding at every start.
+"""
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from capfast import schema
+from capfast.cider import CiderD, build_tables, encode_references
+from capfast.errors import CapfastError
+from capfast.io import atomic_path
+from capfast.vocab import Vocab
+
+CACHE_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def cache_path(data_dir, split: str) -> Path:
+    return Path(data_dir) / f"cider_{split}.npz"
+
+
+def load_reward(data_dir, split: str, vocab: Vocab, *, write_cache: bool = True) -> CiderD:
+    """CIDEr-D with the document frequencies of `split`'s references, from the cache when it is current."""
+    refs_file = require_references(data_dir, split)
+    key = _cache_key(refs_file, vocab)
+    cached = _read_cache(cache_path(data_dir, split), key)
+    if cached is not None:
+        return CiderD(cached)
+    tables = tables_from_references(refs_file, vocab)
+    if write_cache:
+        _write_cache(cache_path(data_dir, split), key, tables)
+    return CiderD(tables)
+
+
+def require_references(data_dir, split: str) -> Path:
+    refs_file = schema.refs_path(data_dir, split)
+    if not refs_file.is_file():
+        raise CapfastError(f"SCST needs the {split} split's reference captions: {refs_file} not found "
+                           f"(`capfast convert` writes it beside {split}.beton)")
+    return refs_file
+
+
+def tables_from_references(refs_file: Path, vocab: Vocab) -> dict:
+    from capfast.evaluate import load_references
+    from capfast.text import tokenize_batch
+
+    references = load_references(refs_file)
+    # One batch in file order, as pycocoevalcap's tokenizer sees a split (its lookahead crosses captions).
+    tokens = iter(tokenize_batch([c for captions in references.values() for c in captions]))
+    tokenized = {image_id: [next(tokens) for _ in captions] for image_id, captions in references.items()}
+    return build_tables(*encode_references(tokenized, vocab.words))
+
+
+def _cache_key(refs_file: Path, vocab: Vocab) -> str:
+    digest = hashlib.sha1(refs_file.read_bytes()).hexdigest()
+    return f"v{CACHE_VERSION}-{digest}-{vocab.fingerprint()}"
+
+
+def _read_cache(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["key"]) != key:
+                return None
+            return {name: data[name] for name in data.files if name != "key"}
+    except (OSError, ValueError, KeyError):  # a foreign or damaged file: rebuild it
+        return None
+
+
+def _write_cache(path: Path, key: str, tables: dict) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), **tables)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+    except OSError as e:
+        log.warning("could not cache the CIDEr-D tables at %s (%s); they will be rebuilt next time", path, e)
