@@ -41,6 +41,11 @@ RECIPES = sorted((ROOT / "configs").glob("*.toml"))
     ("data.prefetch=true", "data.prefetch must be an integer >= 0, got true"),
     ("progress_seconds=-1", "progress_seconds must be a number >= 0, got -1"),
     ("progress_seconds=\"often\"", "progress_seconds must be a number >= 0"),
+    ("objective=rl", "objective must be one of xe, scst, got \"rl\""),
+    ("scst.samples=0", "scst.samples must be an integer >= 1, got 0"),
+    ("scst.baseline=max", "scst.baseline must be one of mean, greedy"),
+    ("scst.temperature=0", "scst.temperature must be a number > 0, got 0"),
+    ("init_from=3", "init_from must be a string, got 3"),
     ("model=3", "config key 'model' must be a section"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, message):
