@@ -127,3 +127,30 @@ def test_convert_carries_the_attributes_of_the_written_images(converted):
         attributes = json.loads((converted / f"attributes_{split}.json").read_text())
         assert set(attributes) == set(refs)
         assert all(scene["shapes"] for scene in attributes.values())
+
+
+def test_each_image_shows_the_colours_its_attributes_record(converted):
+    """What attribute accuracy is scored against must be what the model sees: through convert and the loader, the
+    pixel at each recorded shape's anchor has (nearest among the palette) the recorded colour, for the image of
+    the id the loader reports."""
+    import torch
+
+    from capfast.attributes import load_attributes
+    from capfast.data import build_loader
+    from capfast.evaluate import _denormalize
+    from capfast.synth import ANCHORS, BACKGROUNDS, COLORS
+
+    palette = {**COLORS, **BACKGROUNDS}
+    rgb = torch.tensor(list(palette.values()), dtype=torch.float32)
+    attributes = load_attributes(converted / "attributes_val.json")
+    loader = build_loader(converted / "val.beton", batch_size=8, train=False, device=torch.device("cpu"),
+                          image_size=64)
+    checked = right = 0
+    for batch in loader.epoch(0):
+        for image, image_id in zip(_denormalize(batch.images) * 255, batch.image_ids.tolist()):
+            for shape in attributes[image_id]:
+                x, y = (int(f * 64) for f in ANCHORS[shape["position"]])
+                nearest = (rgb - image[:, y, x]).norm(dim=1).argmin()
+                right += list(palette)[nearest] == shape["colour"]
+                checked += 1
+    assert checked >= len(attributes) and right >= 0.9 * checked

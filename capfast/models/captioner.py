@@ -27,6 +27,8 @@ class ModelConfig:
     # (the affine scale/shift still train), so N ranks x B/N, accumulation and 1 x B train alike.
     # "batch": each rank's micro-batch statistics (plain BatchNorm; ranks and accumulation no longer match).
     batchnorm: str = option("frozen", choices=BATCHNORM_MODES)
+    # ResNet stages kept (1..4): fewer = a finer feature grid (stride 2 ** (stages + 1)), fewer FLOPs and weights
+    encoder_stages: int = option(4, min=1, max=4)
     decoder: str = option("transformer", choices=DECODERS)
     d_model: int = option(512, min=1)  # image feature size (both decoders) and transformer width
     n_layers: int = option(3, min=1)
@@ -120,5 +122,5 @@ def build_captioner(cfg: ModelConfig, vocab_size: int, *, load_encoder_weights: 
     checkpoint's state_dict is loaded next, so captioning needs neither the weights file nor a download."""
     decoder = build_decoder(cfg, vocab_size)
     encoder = Encoder(cfg.encoder, cfg.d_model, cfg.encoder_weights if load_encoder_weights else None,
-                      batchnorm=cfg.batchnorm)
+                      batchnorm=cfg.batchnorm, stages=cfg.encoder_stages)
     return Captioner(cfg, encoder, decoder, vocab_size)

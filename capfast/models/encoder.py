@@ -10,8 +10,14 @@ from torch import nn
 from capfast.errors import CapfastError
 
 ENCODER_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+STAGES = 4  # a ResNet's residual stages, layer1..layer4; each after the first halves the feature grid
 BATCHNORM_MODES = ("frozen", "batch")
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def stage_channels(name: str, stages: int) -> int:
+    """Channels of the feature map after the first `stages` stages: the last stage's, halved per stage dropped."""
+    return ENCODER_CHANNELS[name] >> (STAGES - stages)
 
 
 def load_state_dict_file(path) -> dict:
@@ -50,7 +56,8 @@ def describe_mismatch(expected: dict, given: dict) -> str:
 
 
 def load_trunk_weights(trunk: nn.Module, path, name: str) -> None:
-    state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith("fc.")}
+    kept = tuple(f"{layer}." for layer in trunk._modules)  # a trunk cut short of layer4 ignores the later stages
+    state = {k: v for k, v in load_state_dict_file(path).items() if k.startswith(kept)}
     mismatch = describe_mismatch(trunk.state_dict(), state)
     if mismatch:
         raise CapfastError(f"encoder weights {path} do not fit {name}: {mismatch}")
@@ -58,14 +65,17 @@ def load_trunk_weights(trunk: nn.Module, path, name: str) -> None:
 
 
 class Encoder(nn.Module):
-    """images [B, 3, H, W] (normalized, any memory format) -> memory [B, S = H/32 * W/32, d_model]."""
+    """images [B, 3, H, W] (normalized, any memory format) -> memory [B, S = H/s * W/s, d_model], s = 32 with all
+    4 stages (2 ** (stages + 1) with fewer: 3 stages give a 4x4 grid on 64² images instead of 2x2)."""
 
-    def __init__(self, name: str, d_model: int, weights=None, batchnorm: str = "frozen"):
+    def __init__(self, name: str, d_model: int, weights=None, batchnorm: str = "frozen", stages: int = STAGES):
         super().__init__()
         if name not in ENCODER_CHANNELS:
             raise CapfastError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODER_CHANNELS)}")
         if batchnorm not in BATCHNORM_MODES:
             raise CapfastError(f"unknown batchnorm mode {batchnorm!r}; choose one of {', '.join(BATCHNORM_MODES)}")
+        if not 1 <= stages <= STAGES:
+            raise CapfastError(f"encoder stages must be 1..{STAGES}, got {stages}")
         self.batchnorm = batchnorm
         if weights in ("", "random"):  # TOML has no null: a recipe says "random" to override a default
             weights = None
@@ -73,10 +83,11 @@ class Encoder(nn.Module):
         # every residual block as an identity keeps activations in scale without it (as Fixup/SkipInit do).
         resnet = torchvision_resnet(name, weights, zero_init_residual=batchnorm == "frozen" and weights is None)
         # An OrderedDict keeps torchvision's parameter names, so its state_dict files load as they are.
-        self.trunk = nn.Sequential(OrderedDict((layer, getattr(resnet, layer)) for layer in TRUNK_LAYERS))
+        self.trunk = nn.Sequential(OrderedDict((layer, getattr(resnet, layer))
+                                              for layer in TRUNK_LAYERS[:len(TRUNK_LAYERS) - STAGES + stages]))
         if weights not in (None, "torchvision"):
             load_trunk_weights(self.trunk, weights, name)
-        self.proj = nn.Linear(ENCODER_CHANNELS[name], d_model)
+        self.proj = nn.Linear(stage_channels(name, stages), d_model)
         self.norm = nn.LayerNorm(d_model)
         self.trainable = True
 
