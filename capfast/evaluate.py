@@ -161,12 +161,14 @@ def _denormalize(images: torch.Tensor) -> torch.Tensor:
 @click.option("--results", "results_out", type=click.Path(path_type=Path),
               help="Write the captions in COCO results format: [{image_id, caption}].")
 @click.option("--ptb-java", is_flag=True, help="Tokenize with the official Java PTBTokenizer (needs java).")
+@click.option("--meteor/--no-meteor", default=True, show_default=True,
+              help="Score METEOR when `java` is on PATH (meteor-1.5.jar takes ~10 s to start).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--max-images", default=0, show_default=True, type=click.IntRange(min=0),
               help="Score only this many images (over all processes); 0 = the whole split.")
 @click.option("--blind/--no-blind", default=True, show_default=True,
               help="Also score the same model shown a blank image: the level it reaches without looking.")
-def command(checkpoint_path, beton, beam_size, max_len, batch_size, json_out, results_out, ptb_java, device,
+def command(checkpoint_path, beton, beam_size, max_len, batch_size, json_out, results_out, ptb_java, meteor, device,
             max_images, blind):
     """Score a checkpoint on a converted split: BLEU-1..4, METEOR (when Java is present), ROUGE-L, CIDEr;
     on `capfast synth` data also how often the caption names each shape's colour, kind and position right.
@@ -198,6 +200,7 @@ def command(checkpoint_path, beton, beam_size, max_len, batch_size, json_out, re
                               image_size=state["image_size"], distributed=dist_info.enabled)
         report = evaluate_model(model, loader, vocab, schema.refs_path(data_dir, split), beam_size=beam_size,
                                 max_len=max_len, max_images=max_images, ptb_java=ptb_java,
+                                meteor="auto" if meteor else False,
                                 attributes_file=schema.attributes_path(data_dir, split), blind=blind)
         if dist_info.is_main:
             _print_and_write(report, json_out, results_out)
