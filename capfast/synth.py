@@ -288,14 +288,10 @@ def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: 
 @click.option("--textured", is_flag=True,
               help="Photo-like texture on 256-480 px images: ~19 KB per JPEG once converted at 256² q90, like COCO "
                    "photos (flat shapes: ~5 KB). For loader benchmarks.")
-@click.option("--sides", type=(int, int), default=None,
-              help=f"Image sides drawn from MIN..MAX px [default: {SIDE_RANGE[0]} {SIDE_RANGE[1]}; --textured: "
-                   f"{TEXTURED_SIDE_RANGE[0]} {TEXTURED_SIDE_RANGE[1]}]. MIN = MAX: square images (the demo: 64 64, "
-                   "so that converting at 64² does not squash the shapes).")
-def command(out, n_train, n_val, seed, karpathy, textured, sides):
+def command(out, n_train, n_val, seed, karpathy, textured):
     """Write a synthetic COCO captions dataset of colored shapes to OUT."""
     try:
-        make_synthetic_coco(out, n_train, n_val, seed, karpathy, side_range=sides, texture=textured)
+        make_synthetic_coco(out, n_train, n_val, seed, karpathy, texture=textured)
     except OSError as e:
         raise CapfastError(f"cannot write synthetic dataset to {out}: {e.strerror or e}") from None
     click.echo(f"wrote {n_train} train + {n_val} val images to {out}", err=True)
