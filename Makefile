@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@bash tools/demo.sh $(PY)
 
+# Two workers (the suite is mostly single-threaded start-up and compile work), then the timing-sensitive tests alone.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not serial" tests
+	$(PY) -m pytest -q -m serial tests
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

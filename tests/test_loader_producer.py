@@ -161,6 +161,7 @@ def consume(loader_, work_s: float, epochs=(2, 3, 4, 5)) -> float:
     return total
 
 
+@pytest.mark.serial  # measures overlap on 2 cores: a test running beside it takes the core it overlaps on
 def test_the_consumer_s_work_overlaps_the_loader_s(producer_loader, sync_loader):
     """n batches with T of consumer work each take about max(n T, loader time), not their sum (about 0.6 of the
     sum here; the synchronous path, which ffcv's reader thread already overlaps a little, takes 0.8-0.95 of it).
