@@ -95,7 +95,7 @@ def decode_plain_jpeg(data: bytes, img: Image.Image, target: tuple[int, int]) ->
 def draft_scale(stored: tuple[int, int], target: tuple[int, int]) -> int:
     """The largest JPEG decode-time reduction (1, 2, 4 or 8) that keeps both sides >= the target's."""
     fits = min(stored[0] // target[0], stored[1] // target[1])
-    return next(scale for scale in (8, 4, 2, 1) if fits >= scale)
+    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)  # 1 also when smaller than the target
 
 
 def target_size(stored: tuple[int, int], size: int, keep_aspect: bool) -> tuple[int, int]:

@@ -173,6 +173,7 @@ def test_shrinking_averages_areas(source, target):
 def test_large_jpegs_are_reduced_while_decoding_without_losing_quality(tmp_path):
     assert draft_scale((600, 500), (128, 128)) == 2 and draft_scale((4000, 3000), (256, 256)) == 8
     assert draft_scale((1100, 511), (256, 256)) == 1 and draft_scale((512, 1024), (256, 256)) == 2
+    assert draft_scale((100, 64), (128, 128)) == 1  # smaller than the target: decoded whole, then enlarged
     path = save(photo_like(600, 500), tmp_path / "big.jpg", quality=95)  # decoded at 1/2: 300x250
     reference = np.asarray(Image.open(path).convert("RGB").resize((128, 128), Image.Resampling.BOX), dtype=int)
     assert np.abs(prepare_image(path, 128).astype(int) - reference).mean() < 2
