@@ -12,15 +12,11 @@ from capfast import checkpoint
 from capfast.models import ModelConfig, build_captioner
 from capfast.sampling import sample_captions
 from capfast.train.config import load_config
+from test_train import TINY as TRAIN_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.encoder=\"resnet18\"", "model.encoder_stages=4",  # the trunk these tests were tuned with
-    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.dropout=0.0",
-    "data.image_size=32", "data.batch_size=8", "data.workers=1", "eval.every_epochs=0", "precision=\"fp32\"",
-    "optim.warmup_steps=2", "optim.lr=3e-3", "optim.encoder_lr=3e-3", "checkpoint_every=0",
-    "optim.label_smoothing=0.0",
-]
+# test_train's tiny recipe, the encoder left as the recipe says (SCST tests choose frozen or trainable themselves)
+TINY = [o for o in TRAIN_TINY if not o.startswith("encoder_trainable_from_epoch")]
 SCST = ["objective=\"scst\"", "scst.samples=3", "scst.max_len=8", "optim.lr=1e-4", "optim.warmup_steps=0"]
 SCALARS = ("scst/reward", "scst/baseline", "scst/advantage", "scst/sample_len", "scst/entropy", "scst/reward_ms")
 
