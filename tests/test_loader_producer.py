@@ -53,12 +53,13 @@ def is_producer(thread: threading.Thread) -> bool:
 
 
 @contextlib.contextmanager
-def slow_batches(loader_, delay_s: float, at_batch: int, action=lambda: None):
-    """Makes the loader's per-batch function sleep `delay_s`, then run `action`, before batch `at_batch`."""
+def slow_batches(loader_, delay_s: float, at_batch: int | None, action=lambda: None):
+    """Makes the loader's per-batch function sleep `delay_s`, then run `action`, before batch `at_batch` (every
+    batch when None)."""
     real = loader_._cpu_batch
 
     def delayed_cpu_batch(raw, epoch, b):
-        if b == at_batch:
+        if at_batch is None or b == at_batch:
             time.sleep(delay_s)
             action()
         return real(raw, epoch, b)
@@ -163,19 +164,21 @@ def consume(loader_, work_s: float, epochs=(2, 3, 4, 5)) -> float:
 
 @pytest.mark.serial  # measures overlap on 2 cores: a test running beside it takes the core it overlaps on
 def test_the_consumer_s_work_overlaps_the_loader_s(producer_loader, sync_loader):
-    """n batches with T of consumer work each take about max(n T, loader time), not their sum (about 0.6 of the
-    sum here; the synchronous path, which ffcv's reader thread already overlaps a little, takes 0.8-0.95 of it).
-    The loader time is measured alternately with the overlapped run: medians of five rounds (2 busy cores)."""
-    batches = 4 * 8
-    work_s = consume(sync_loader, 0.0) / batches  # consumer work as long as the loader's: the most to gain
-    loader_runs, overlapped_runs = [], []
-    for _ in range(5):
-        loader_runs.append(consume(sync_loader, 0.0))
-        overlapped_runs.append(consume(producer_loader, work_s))
-    loader_s, overlapped = statistics.median(loader_runs), statistics.median(overlapped_runs)
-    summed = batches * work_s + loader_s
-    report = f"loader {loader_s:.3f} s + work {batches * work_s:.3f} s = {summed:.3f} s; overlapped {overlapped:.3f} s"
-    assert overlapped < 0.75 * summed, report
+    """n batches with T of consumer work each take about max(T, L) n, not (T + L) n, where L is the loader's
+    per-batch time. The CPU path decodes on ffcv's own thread and leaves the batch function ~1 ms, too little
+    to time against scheduling noise; so L gets 20 ms of GIL-free time (as an nvJPEG decode blocks the CUDA
+    producer ~11 ms) on both paths. Medians of three alternating rounds."""
+    batches, work_s = 4 * 8, 0.02
+    synchronous_runs, overlapped_runs = [], []
+    with slow_batches(sync_loader, work_s, None), slow_batches(producer_loader, work_s, None):
+        for _ in range(3):
+            synchronous_runs.append(consume(sync_loader, work_s))
+            overlapped_runs.append(consume(producer_loader, work_s))
+    synchronous, overlapped = statistics.median(synchronous_runs), statistics.median(overlapped_runs)
+    report = f"{batches} batches, {work_s * 1e3:.0f} ms work each side: synchronous {synchronous:.3f} s, " \
+             f"with the producer {overlapped:.3f} s"
+    assert synchronous > 1.9 * batches * work_s, report  # the sum, and the sleeps really happened on both sides
+    assert overlapped < 0.7 * synchronous, report  # about 0.5 when they overlap fully
     assert overlapped > 0.95 * batches * work_s, report
 
 
