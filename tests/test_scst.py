@@ -12,7 +12,7 @@ from capfast import checkpoint
 from capfast.models import ModelConfig, build_captioner
 from capfast.sampling import sample_captions
 from capfast.train.config import load_config
-from test_train import TINY as TRAIN_TINY
+from test_train import TINY as TRAIN_TINY, assert_clean_error
 
 ROOT = Path(__file__).resolve().parents[1]
 # test_train's tiny recipe, the encoder left as the recipe says (SCST tests choose frozen or trainable themselves)
@@ -202,14 +202,6 @@ def test_scst_gradient_is_a_mean_over_all_samples_of_the_step(converted, xe_chec
 def scst_cli(capfast_cli, data, out, *overrides):
     return capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", data, "--out", out,
                        *TINY, *SCST, *overrides)
-
-
-def assert_clean_error(result, *needles):
-    assert result.code != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "error" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
 
 
 def test_bad_scst_inputs(converted, xe_checkpoint, tmp_path, capfast_cli):
