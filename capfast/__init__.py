@@ -12,6 +12,10 @@ if "numba" in sys.modules:
 
 __version__ = "0.1.0"
 
+from capfast import ffcv_import  # noqa: E402  (after the numba settings above)
+
+ffcv_import.install()
+
 
 def _load_converters_from_source_checkout() -> None:
     """capfast.converters lives in the top-level converters/ folder, which pyproject.toml's package-dir installs

@@ -31,6 +31,7 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 12
 POSITIONS = ("left", "right", "top", "bottom", "center")
 PAIRED_POSITIONS = (("left", "right"), ("top", "bottom"))
 SIZES = {"small": 0.2, "large": 0.38}  # shape extent as a fraction of the shorter image side
+MAX_SHAPE_SIZE = 0.5  # two shapes side by side sit half the image apart: any larger and they may overlap
 SIDE_RANGE, TEXTURED_SIDE_RANGE = (64, 160), (256, 480)
 # Photo-like texture: luminance noise at these cell sizes (px) and weights, a coarse colour noise, all scaled to
 # +-TEXTURE_LEVELS levels. Tuned for ~19 KB (16-21 KB) per image converted at 256² q90.
@@ -63,10 +64,12 @@ class Scene:
     shapes: tuple[Shape, ...]
 
 
-def random_scene(rng: random.Random, side_range: tuple[int, int]) -> Scene:
+def random_scene(rng: random.Random, side_range: tuple[int, int], square: bool = False) -> Scene:
     long_side = rng.randint(*side_range)
     short_side = rng.randint(side_range[0], long_side)
     width, height = (long_side, short_side) if rng.random() < 0.6 else (short_side, long_side)
+    if square:
+        width = height = long_side
     background = rng.choice(sorted(BACKGROUNDS))
     gradient_to = rng.choice(sorted(set(COLORS) - {background})) if rng.random() < 0.3 else None
     n_shapes = 1 if rng.random() < 0.6 else 2
@@ -77,11 +80,11 @@ def random_scene(rng: random.Random, side_range: tuple[int, int]) -> Scene:
     return Scene(width, height, background, gradient_to, shapes)
 
 
-def render(scene: Scene, texture_seed: int | None = None) -> Image.Image:
+def render(scene: Scene, texture_seed: int | None = None, sizes: dict | None = None) -> Image.Image:
     img = Image.fromarray(background_pixels(scene))
     draw = ImageDraw.Draw(img)
     for shape in scene.shapes:
-        draw_shape(draw, shape, scene.width, scene.height)
+        draw_shape(draw, shape, scene.width, scene.height, sizes or SIZES)
     if texture_seed is not None:
         img = Image.fromarray(textured(np.asarray(img), np.random.default_rng(texture_seed)))
     return img
@@ -130,8 +133,8 @@ def background_pixels(scene: Scene) -> np.ndarray:
     return np.broadcast_to(row, (scene.height, scene.width, 3)).round().astype(np.uint8)
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, width: int, height: int) -> None:
-    half = max(2, SIZES[shape.size] * min(width, height) / 2)
+def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, width: int, height: int, sizes: dict) -> None:
+    half = max(2, sizes[shape.size] * min(width, height) / 2)
     cx, cy = ANCHORS[shape.position][0] * width, ANCHORS[shape.position][1] * height
     box = (cx - half, cy - half, cx + half, cy + half)
     fill = COLORS[shape.color]
@@ -195,18 +198,18 @@ def scene_attributes(scene: Scene) -> dict:
             "shapes": [asdict(shape) for shape in scene.shapes]}
 
 
-def make_split(out: Path, split: str, image_ids: list[int], rng: random.Random,
-               side_range: tuple[int, int], texture: bool = False) -> tuple[dict, list[dict], dict]:
+def make_split(out: Path, split: str, image_ids: list[int], rng: random.Random, side_range: tuple[int, int],
+               texture: bool = False, square: bool = False, sizes: dict | None = None) -> tuple[dict, list[dict], dict]:
     """Writes the split's images; returns its COCO captions JSON, the per-image records for Karpathy and
     {image id: scene attributes}."""
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations, records, attributes = [], [], [], {}
     for image_id in image_ids:
-        scene = random_scene(rng, side_range)
+        scene = random_scene(rng, side_range, square)
         file_name = f"COCO_{split}_{image_id:012d}.jpg"
         texture_seed = rng.getrandbits(64) if texture else None
-        (image_dir / file_name).write_bytes(jpeg_bytes(render(scene, texture_seed)))
+        (image_dir / file_name).write_bytes(jpeg_bytes(render(scene, texture_seed, sizes)))
         texts = captions(scene, rng)
         images.append({"id": image_id, "file_name": file_name, "width": scene.width, "height": scene.height,
                        "license": 1, "date_captured": "2024-01-01 00:00:00"})
@@ -248,14 +251,21 @@ def karpathy_json(records: list[dict]) -> dict:
 
 
 def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: bool = False,
-                        side_range: tuple[int, int] | None = None, texture: bool = False) -> Path:
+                        side_range: tuple[int, int] | None = None, texture: bool = False, square: bool = False,
+                        shape_sizes: tuple[float, float] | None = None) -> Path:
     """Writes OUT/images/{train,val}/*.jpg, OUT/annotations/captions_{train,val}.json (COCO captions format) and
     OUT/annotations/attributes_{train,val}.json ({image id: {background, gradient_to, shapes: [{kind, color,
     size, position}]}}); with karpathy=True also OUT/dataset_coco.json. Image ids are unique across splits, not
-    sorted. texture=True: photo-like texture on 256-480 px images (default side range), for loader benchmarks."""
+    sorted. texture=True: photo-like texture on 256-480 px images (default side range), for loader benchmarks.
+    square=True: every image square, so that resizing to a square keeps the shapes' proportions. shape_sizes:
+    (small, large) shape extents as fractions of the shorter side (default SIZES)."""
     side_range = side_range or (TEXTURED_SIDE_RANGE if texture else SIDE_RANGE)
     if n_train < 0 or n_val < 0:
         raise CapfastError("--train and --val must be >= 0")
+    sizes = dict(zip(("small", "large"), shape_sizes)) if shape_sizes else SIZES
+    if not 0 < sizes["small"] <= sizes["large"] <= MAX_SHAPE_SIZE:
+        raise CapfastError(f"shape sizes must be 0 < small <= large <= {MAX_SHAPE_SIZE} (larger shapes overlap), "
+                           f"got {sizes['small']:g}, {sizes['large']:g}")
     if not 8 <= side_range[0] <= side_range[1]:
         raise CapfastError(f"invalid image side range {side_range}")
     out = Path(out)
@@ -265,7 +275,7 @@ def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: 
     records = []
     annotation_id = 1
     for split, split_ids in (("train", ids[:n_train]), ("val", ids[n_train:])):
-        coco, split_records, attributes = make_split(out, split, split_ids, rng, side_range, texture)
+        coco, split_records, attributes = make_split(out, split, split_ids, rng, side_range, texture, square, sizes)
         for annotation in coco["annotations"]:
             annotation["id"] = annotation_id
             annotation_id += 1
@@ -288,10 +298,16 @@ def make_synthetic_coco(out, n_train: int, n_val: int, seed: int = 0, karpathy: 
 @click.option("--textured", is_flag=True,
               help="Photo-like texture on 256-480 px images: ~19 KB per JPEG once converted at 256² q90, like COCO "
                    "photos (flat shapes: ~5 KB). For loader benchmarks.")
-def command(out, n_train, n_val, seed, karpathy, textured):
+@click.option("--square", is_flag=True,
+              help="Square images only: converted to squares, shapes keep their proportions (circles stay round).")
+@click.option("--shape-sizes", type=(float, float), default=None, metavar="SMALL LARGE",
+              help=f"Extent of small and large shapes as fractions of the shorter side [default: "
+                   f"{SIZES['small']} {SIZES['large']}; at most {MAX_SHAPE_SIZE}].")
+def command(out, n_train, n_val, seed, karpathy, textured, square, shape_sizes):
     """Write a synthetic COCO captions dataset of colored shapes to OUT."""
     try:
-        make_synthetic_coco(out, n_train, n_val, seed, karpathy, texture=textured)
+        make_synthetic_coco(out, n_train, n_val, seed, karpathy, texture=textured, square=square,
+                            shape_sizes=shape_sizes)
     except OSError as e:
         raise CapfastError(f"cannot write synthetic dataset to {out}: {e.strerror or e}") from None
     click.echo(f"wrote {n_train} train + {n_val} val images to {out}", err=True)

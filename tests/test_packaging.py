@@ -22,3 +22,15 @@ def test_converters_import_under_capfast():
     from capfast.converters import read_coco
 
     assert Path(capfast.converters.__file__).parent == ROOT / "converters" and callable(read_coco)
+
+
+def test_ffcv_imports_without_compiling_a_numba_dict():
+    """capfast.ffcv_import: ffcv's IMAGE_MODES is a plain dict (numba would compile its typed Dict, ~3.6 s a
+    process), with ffcv's values, and numba.typed.Dict is numba's own again afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import capfast, numba.typed, ffcv.loader, ffcv.fields.rgb_image as m; "
+            "print(type(m.IMAGE_MODES).__name__, sorted(m.IMAGE_MODES.items()), numba.typed.Dict is dict)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.split("\n")[0] == "dict [('jpg', 0), ('raw', 1)] False"

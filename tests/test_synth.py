@@ -154,3 +154,30 @@ def test_each_image_shows_the_colours_its_attributes_record(converted):
                 right += list(palette)[nearest] == shape["colour"]
                 checked += 1
     assert checked >= len(attributes) and right >= 0.9 * checked
+
+
+def test_square_images_with_larger_shapes_as_the_demo_draws_them(tmp_path):
+    """`--square --shape-sizes`: every image square, and each shape's painted extent the requested fraction of the
+    side (a square shape fills exactly that box)."""
+    root = make_synthetic_coco(tmp_path / "s", n_train=24, n_val=0, seed=2, square=True, shape_sizes=(0.3, 0.45))
+    data = json.loads((root / "annotations" / "captions_train.json").read_text())
+    attributes = json.loads((root / "annotations" / "attributes_train.json").read_text())
+    measured = 0
+    for image in data["images"]:
+        assert image["width"] == image["height"]
+        shapes = attributes[str(image["id"])]["shapes"]
+        if len(shapes) != 1 or shapes[0]["kind"] != "square" or attributes[str(image["id"])]["gradient_to"]:
+            continue
+        with Image.open(root / "images" / "train" / image["file_name"]) as img:
+            pixels = np.asarray(img.convert("RGB")).astype(int)
+        painted = np.abs(pixels - COLORS[shapes[0]["color"]]).sum(axis=2) < 60
+        extent = painted.any(axis=0).sum() / image["width"]
+        assert abs(extent - {"small": 0.3, "large": 0.45}[shapes[0]["size"]]) < 0.04, (image, extent)
+        measured += 1
+    assert measured >= 2
+
+
+def test_shape_sizes_that_would_overlap_are_refused(tmp_path, capfast_cli):
+    result = capfast_cli("synth", tmp_path / "s", "--train", 1, "--val", 0, "--shape-sizes", 0.3, 0.6)
+    assert result.code != 0 and "Traceback" not in result.stderr
+    assert "shape sizes must be 0 < small <= large <= 0.5" in result.stderr

@@ -9,7 +9,7 @@ capfast() { "$PY" -m capfast "$@"; }
 
 rm -rf "$OUT"
 echo "== 1/5 synthetic COCO ($TRAIN_IMAGES train images) =="
-capfast synth "$OUT/coco" --train "$TRAIN_IMAGES" --val 100 --seed 0
+capfast synth "$OUT/coco" --train "$TRAIN_IMAGES" --val 100 --seed 0 --square --shape-sizes 0.3 0.45
 
 echo "== 2/5 convert to FFCV betons =="
 capfast convert --annotations "$OUT/coco/annotations/captions_train.json" --images "$OUT/coco/images/train" \
@@ -26,9 +26,9 @@ capfast train --config configs/cpu_smoke.toml --data "$OUT/data" --out "$OUT/run
 
 echo "== 4/5 evaluate on the validation split =="
 # --no-meteor: METEOR's Java start (~10 s) does not fit the demo's 3 minutes; `capfast eval` scores it by default.
-capfast eval --checkpoint "$OUT/run/best.pt" --data "$OUT/data/val.beton" --beam 3 --no-meteor \
+capfast eval --checkpoint "$OUT/run/last.pt" --data "$OUT/data/val.beton" --beam 3 --no-meteor \
   --json "$OUT/metrics.json" --results "$OUT/results.json"
 
 echo "== 5/5 caption a few images =="
-capfast caption --checkpoint "$OUT/run/best.pt" $(ls "$OUT"/coco/images/val/*.jpg | head -4)
+capfast caption --checkpoint "$OUT/run/last.pt" $(ls "$OUT"/coco/images/val/*.jpg | head -4)
 echo "demo done: metrics in $OUT/metrics.json, TensorBoard: tensorboard --logdir $OUT/run/tb"

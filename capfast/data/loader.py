@@ -322,17 +322,17 @@ class CaptionLoader:
 
         from capfast.data.ffcv_ops import ImageInfoDecoder, JpegBytesDecoder
 
-        if self.settings.decoder == "ffcv":
-            image_decoder = self._crop_resize_decoder()
-        else:
-            image_decoder = JpegBytesDecoder(self.max_jpeg_bytes)
-        return {
-            schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=image_decoder, transforms=[ToTensor()]),
+        specs = {
             schema.CAPTIONS: PipelineSpec(schema.CAPTIONS, decoder=NDArrayDecoder(), transforms=[ToTensor()]),
             schema.NCAPTIONS: PipelineSpec(schema.NCAPTIONS, decoder=IntDecoder(), transforms=[ToTensor()]),
             schema.IMAGE_ID: PipelineSpec(schema.IMAGE_ID, decoder=IntDecoder(), transforms=[ToTensor()]),
-            IMAGE_INFO: PipelineSpec(schema.IMAGE, decoder=ImageInfoDecoder(), transforms=[ToTensor()]),
         }
+        if self.settings.decoder == "ffcv":  # the stage reads each image's size from the metadata itself
+            return {schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=self._crop_resize_decoder(),
+                                               transforms=[ToTensor()]), **specs}
+        return {schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=JpegBytesDecoder(self.max_jpeg_bytes),
+                                           transforms=[ToTensor()]), **specs,
+                IMAGE_INFO: PipelineSpec(schema.IMAGE, decoder=ImageInfoDecoder(), transforms=[ToTensor()])}
 
     def _crop_resize_decoder(self):
         from capfast.data.ffcv_ops import CropResizeDecoder
