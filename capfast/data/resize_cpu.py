@@ -173,24 +173,25 @@ def vertical_row(rows, top, ys, yw, oy, out):
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
-def normalized_row(rows, top, ys, yw, oy, shift, scale, acc, out):
-    """out[:] = output row oy of the resize, rounded, normalized, float32: vertical_row and store in one pass.
-    The filter's weights are >= 0 and sum to 1, so a mix of 0..255 values needs no clamp before rounding."""
+def normalized_row(rows, top, ys, yw, oy, scale, bias, acc, out):
+    """out[:] = output row oy of the resize, rounded (half to even, as torch.round), normalized as v * scale + bias
+    (bias = -mean * scale), float32: vertical_row and store in one pass. The filter's weights are >= 0 and sum to 1,
+    so a mix of 0..255 values needs no clamp."""
     first, weights = ys[oy] - top, yw[oy]
     n, taps = out.shape[0], weights.shape[0]
     if taps == 2:
         a, b, w0, w1 = rows[first], rows[first + 1], weights[0], weights[1]
         for j in range(n):
-            out[j] = (np.floor(w0 * F32(a[j]) + w1 * F32(b[j]) + F32(0.5)) - shift[j]) * scale[j]
+            out[j] = np.rint(w0 * F32(a[j]) + w1 * F32(b[j])) * scale[j] + bias[j]
         return
     if taps == 3:
         a, b, c, w0, w1, w2 = rows[first], rows[first + 1], rows[first + 2], weights[0], weights[1], weights[2]
         for j in range(n):
-            out[j] = (np.floor(w0 * F32(a[j]) + w1 * F32(b[j]) + w2 * F32(c[j]) + F32(0.5)) - shift[j]) * scale[j]
+            out[j] = np.rint(w0 * F32(a[j]) + w1 * F32(b[j]) + w2 * F32(c[j])) * scale[j] + bias[j]
         return
     mixed_lines(rows, first, weights, acc)
     for j in range(n):
-        out[j] = (np.floor(min(max(acc[j] + F32(0.5), F32(0)), F32(255))) - shift[j]) * scale[j]
+        out[j] = np.rint(min(max(acc[j], F32(0)), F32(255))) * scale[j] + bias[j]
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True)
@@ -244,8 +245,9 @@ def crop_resize_normalize(image, box, factors, shift, scale, out):
     rows = rgb_rows(horizontal_pass(packed_columns(image, top, left, height, width), left, xs, xw))
     row = np.empty(size * 3, np.float32)
     if factors[0] < 0 and out.itemsize == 4:
+        bias = -shift * scale
         for oy in range(size):
-            normalized_row(rows, top, ys, yw, oy, shift, scale, row, out[oy])
+            normalized_row(rows, top, ys, yw, oy, scale, bias, row, out[oy])
         return
     if factors[0] < 0:
         for oy in range(size):
