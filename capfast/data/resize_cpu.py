@@ -30,28 +30,29 @@ def aa_taps(start, length, out_size):
     scale = length / out_size
     support = max(scale, 1.0)  # bilinear's half-width 1, stretched when downscaling
     inv_support = 1.0 / support
-    centers = scale * (np.arange(out_size) + 0.5)
     lows = np.empty(out_size, np.int64)
     highs = np.empty(out_size, np.int64)
-    totals = np.empty(out_size, np.float64)
+    ntaps = 1
     for i in range(out_size):
-        lo = max(int(centers[i] - support + 0.5), 0)
-        hi = min(int(centers[i] + support + 0.5), length)
-        totals[i] = 0.0
-        for x in range(lo, hi):
-            totals[i] += _tap(x, centers[i], inv_support)
-        while hi - lo > 1 and _tap(lo, centers[i], inv_support) == 0.0:  # zero weights at the ends do nothing
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), length)
+        while hi - lo > 1 and _tap(lo, center, inv_support) == 0.0:  # zero weights at the ends do nothing
             lo += 1
-        while hi - lo > 1 and _tap(hi - 1, centers[i], inv_support) == 0.0:
+        while hi - lo > 1 and _tap(hi - 1, center, inv_support) == 0.0:
             hi -= 1
         lows[i], highs[i] = lo, hi
-    ntaps = np.max(highs - lows)
+        ntaps = max(ntaps, hi - lo)
     first = np.empty(out_size, np.int64)
     weights = np.zeros((out_size, ntaps), np.float32)
     for i in range(out_size):
+        center = scale * (i + 0.5)
         window = min(lows[i], length - ntaps)
+        total = 0.0
         for x in range(lows[i], highs[i]):
-            weights[i, x - window] = _tap(x, centers[i], inv_support) / totals[i]
+            total += _tap(x, center, inv_support)
+        for x in range(lows[i], highs[i]):
+            weights[i, x - window] = _tap(x, center, inv_support) / total
         first[i] = start + window
     return first, weights
 
@@ -144,7 +145,8 @@ def rounded_lines(lines, first, weights, acc, out):
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True, inline="always")
 def _to_u8(value):
-    return np.uint8(np.int32(min(max(value + F32(0.5), F32(0)), F32(255))))
+    """value (a mix of 0..255 values with weights >= 0 summing to 1, so no clamp) rounded to nearest, as uint8."""
+    return np.uint8(np.int32(np.rint(value)))
 
 
 @njit(nogil=True, fastmath=FASTMATH, cache=True)
