@@ -127,9 +127,10 @@ def test_the_stage_resizes_the_seeded_boxes_of_the_loader_s_own_decode(noise_bet
             assert (got - torch_reference(image, box, SIZE, jitter)).abs().max() <= rounding(jitter)
 
 
-def test_eval_stage_resizes_whole_images(noise_beton):
-    images = torch.cat([b.images for b in build_loader(noise_beton, batch_size=5, train=False, image_size=SIZE,
-                                                          num_workers=1).epoch(0)])
+@pytest.mark.parametrize("batch_size", [5, 20])  # 20: a full chunk of decodes, a partial one (DECODES_PER_CHUNK 16)
+def test_eval_stage_resizes_whole_images(noise_beton, batch_size):
+    images = torch.cat([b.images for b in build_loader(noise_beton, batch_size=batch_size, train=False,
+                                                          image_size=SIZE, num_workers=1).epoch(0)])
     for image, got in zip(ffcv_decoded(noise_beton), images, strict=True):
         expected = torch_reference(image, (0, 0, image.shape[1], image.shape[2]), SIZE)
         assert (got - expected).abs().max() <= rounding()

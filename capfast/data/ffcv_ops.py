@@ -24,6 +24,7 @@ from capfast.data import resize_cpu
 UINT8 = np.dtype("<u1")
 INT64 = np.dtype("<i8")
 NO_JITTER = -1.0  # a brightness factor below 0 tells resize_cpu to skip the colour jitter
+DECODES_PER_CHUNK = 16  # CropResizeDecoder: images decoded back to back before they are resized (3 MB at 256²)
 
 
 class JpegBytesDecoder(Operation):
@@ -108,15 +109,24 @@ class CropResizeDecoder(Operation):
         finish = resize_cpu.crop_resize_normalize
         shift, scale, size = self.shift, self.scale, self.size
 
+        chunk = DECODES_PER_CHUNK
+
         def decode(batch_indices, memory, metadata, storage_state):
             out, scratch, boxes, factors = memory
-            for i in my_range(len(batch_indices)):
-                field = metadata[batch_indices[i]]
-                data = mem_read(field["data_ptr"], storage_state)
-                h, w = np.uint32(field["height"]), np.uint32(field["width"])
-                decode_c(data, scratch[i], h, w, h, w, 0, 0, 1, 1, False, False)
-                image = scratch[i][: h * w * 3].reshape(h, w * 3)
-                finish(image, boxes[i], factors[i], shift, scale, out[i].reshape(size, size * 3))
+            n = len(batch_indices)
+            for c in my_range((n + chunk - 1) // chunk):
+                # Decode a chunk of images, then resize them: code that runs right after a libjpeg-turbo decode
+                # runs slower for a while (~0.1 ms of a 0.35 ms resize here), so alternating costs more.
+                for i in range(c * chunk, min(n, (c + 1) * chunk)):
+                    field = metadata[batch_indices[i]]
+                    data = mem_read(field["data_ptr"], storage_state)
+                    h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                    decode_c(data, scratch[i], h, w, h, w, 0, 0, 1, 1, False, False)
+                for i in range(c * chunk, min(n, (c + 1) * chunk)):
+                    field = metadata[batch_indices[i]]
+                    h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                    image = scratch[i][: h * w * 3].reshape(h, w * 3)
+                    finish(image, boxes[i], factors[i], shift, scale, out[i].reshape(size, size * 3))
             return out
 
         decode.is_parallel = True
