@@ -1,6 +1,6 @@
 """The CPU loader's per-image work after decoding: crop, resize, colour jitter, normalize (numba, no GIL).
 
-It runs inside ffcv's parallel stage (see ffcv_ops.CropResizeDecoder), one image per iteration. The resize is
+It runs inside ffcv's parallel stage (see ffcv_ops.CropResizeDecoder), one image per call. The resize is
 PyTorch's antialiased bilinear (the filter of augment.aa_weights) as two separable passes, rounded to integers
 between and after them as PyTorch's uint8 kernel does. numba vectorizes loops over contiguous memory only, and a
 horizontal pass over interleaved RGB is not one; so the crop's pixels are packed into uint32 and transposed
