@@ -33,3 +33,12 @@ def test_bench_train_reports_loader_efficiency(converted, capfast_cli):
     assert "efficiency" in lines[0]
     assert LAST_LINE.match(lines[-1]), result.stdout
     assert_ratio_is_capfast_over_baseline(lines[-1])
+
+
+def test_bench_tokenize_agrees_with_its_baseline(capfast_cli):
+    result = capfast_cli("bench", "tokenize", "--captions", "200")
+    assert result.code == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert re.match(r"^capfast_captions_s=\d+ baseline_captions_s=\d+ ratio=[\d.]+$", lines[-1]), result.stdout
+    if "Java" in result.stdout:
+        assert "same tokens for 100.0% of the captions" in result.stdout

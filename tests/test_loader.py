@@ -352,13 +352,8 @@ def test_cuda_eval_and_preprocess_match_the_cpu(mixed_beton):
 
 
 @pytest.mark.gpu
-def test_cuda_loader_throughput_smoke(train_beton):
-    import time
-
+def test_cuda_loader_runs_epochs_at_224(train_beton):
+    """Its speed is `capfast bench loader --device cuda`'s line, not an assertion here."""
     cuda = build_loader(train_beton, batch_size=8, train=True, device="cuda", dtype=torch.bfloat16, image_size=224)
-    list(cuda.epoch(0))
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    count = sum(len(b.image_ids) for epoch in range(1, 6) for b in cuda.epoch(epoch))
-    torch.cuda.synchronize()
-    assert count == 5 * 32 and count / (time.perf_counter() - started) > 200
+    count = sum(len(b.image_ids) for epoch in range(0, 3) for b in cuda.epoch(epoch))
+    assert count == 3 * 32

@@ -5,7 +5,6 @@ check runs without Java; with `java` on PATH the same captions also go through p
 """
 
 import shutil
-import time
 
 import pytest
 
@@ -108,12 +107,11 @@ def test_line_breaks_inside_a_caption_are_spaces():
     assert tokenize("A dog\r\non a\u2028couch.\n") == ["a", "dog", "on", "a", "couch"]
 
 
-def test_tokenizer_is_fast():
-    tokenize("Warm-up: compile the lexer.")
-    captions = [f"A man's board, number {i % 50}, rides wave {i} on top of a surfboard." for i in range(20_000)]
-    start = time.perf_counter()
-    tokenized = [tokenize(c) for c in captions]
-    assert time.perf_counter() - start < 5.0  # about 0.2 s on one core; generous for loaded CI machines
+def test_the_benchmark_s_captions_tokenize_as_ptb_does():
+    """Its speed is `capfast bench tokenize`'s line (tests/test_bench.py runs it)."""
+    from capfast.bench.tokenize import sample_captions
+
+    tokenized = [tokenize(c) for c in sample_captions(100)]
     assert tokenized[57] == "a man 's board number 7 rides wave 57 on top of a surfboard".split()
 
 

@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "loader": ("capfast.bench.loader", "loader img/s vs torch DataLoader + PIL decode"),
     "train": ("capfast.bench.train", "train-step img/s: real loader vs GPU-resident synthetic batch"),
     "reward": ("capfast.bench.reward", "SCST CIDEr-D reward captions/s per core vs plain Python CIDEr-D"),
+    "tokenize": ("capfast.bench.tokenize", "caption tokenizer captions/s vs the Java PTBTokenizer it ports"),
 }
 
 
