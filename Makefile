@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@bash tools/demo.sh $(PY)
 
-# Two workers: the suite is mostly single-threaded start-up and compile work. No test asserts a timing margin.
+# Lint and the import layers first (seconds), then the suite on two workers: it is mostly single-threaded
+# start-up and compile work. No test asserts a timing margin.
 test: $(STAMP)
+	$(VENV)/bin/ruff check capfast converters tests tools
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 tests
 
 clean:

@@ -12,7 +12,7 @@ if "numba" in sys.modules:
 
 __version__ = "0.1.0"
 
-from capfast import ffcv_import  # noqa: E402  (after the numba settings above)
+from capfast.common import ffcv_import  # noqa: E402  (after the numba settings above)
 
 ffcv_import.install()
 

@@ -1,43 +1,25 @@
-"""`capfast` command line: a click group whose subcommands live in the modules that do the work.
+"""`capfast` command line: a click group whose subcommands live in the modules that do the work, imported only
+when invoked (capfast.common.commands)."""
 
-Subcommands are imported only when invoked, so `capfast --help` stays fast and a command never pays for
-another's heavy imports (ffcv, tensorboard, pycocoevalcap).
-"""
-
-import importlib
 import sys
 
 import click
 
+from capfast.common.commands import LazyGroup
 from capfast.errors import CapfastError
 
 COMMANDS = {
-    "synth": ("capfast.synth", "Write a synthetic COCO-format captions dataset (for tests and the demo)."),
-    "convert": ("capfast.convert", "Pack images + tokenized captions into FFCV .beton files."),
-    "inspect": ("capfast.inspect_beton", "Summarize a .beton written by `capfast convert`."),
+    "synth": ("capfast.pack.synth", "Write a synthetic COCO-format captions dataset (for tests and the demo)."),
+    "convert": ("capfast.pack.convert", "Pack images + tokenized captions into FFCV .beton files."),
+    "inspect": ("capfast.store.beton", "Summarize a .beton written by `capfast convert`."),
     "train": ("capfast.train.cli", "Train a captioner (DDP, bf16/fp16, channels_last, GPU JPEG decode)."),
-    "eval": ("capfast.evaluate", "Score a checkpoint with BLEU/METEOR/ROUGE-L/CIDEr on a split."),
-    "caption": ("capfast.caption", "Caption image files with a trained checkpoint."),
-    "bench": ("capfast.bench", "Benchmarks: convert, loader and train throughput against baselines."),
+    "eval": ("capfast.eval.evaluate", "Score a checkpoint with BLEU/METEOR/ROUGE-L/CIDEr on a split."),
+    "caption": ("capfast.eval.caption", "Caption image files with a trained checkpoint."),
+    "bench": ("capfast.bench", "Benchmarks: throughput against baselines run in the same process."),
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx):
-        return list(COMMANDS)
-
-    def get_command(self, ctx, name):
-        if name not in COMMANDS:
-            return None
-        return importlib.import_module(COMMANDS[name][0]).command
-
-    def format_commands(self, ctx, formatter):
-        rows = [(name, help_text) for name, (_, help_text) in COMMANDS.items()]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, table=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="capfast")
 def cli():
     """capfast: train image captioners on MS-COCO without waiting on data.
@@ -61,6 +43,10 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("capfast: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # one line, as for every other bad input
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        click.echo(f"capfast: error: {e.format_message()}{where}", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

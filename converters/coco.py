@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
+from capfast.common.io import read_json
 from capfast.converters.common import Problem, Source, is_id, items_from_captions, require_dir
 from capfast.errors import CapfastError
-from capfast.io import read_json
 
 WHAT = "annotations file"
 

@@ -5,9 +5,9 @@ Splits train and restval are merged into "train"; val and test stay. Image path 
 
 from pathlib import Path
 
+from capfast.common.io import read_json
 from capfast.converters.common import Problem, Source, is_id, items_from_captions, require_dir
 from capfast.errors import CapfastError
-from capfast.io import read_json
 
 WHAT = "Karpathy split file"
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}

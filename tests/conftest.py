@@ -11,9 +11,9 @@ CONVERTED_IMAGE_SIZE = 64
 
 @pytest.fixture(scope="session")
 def synth_coco(tmp_path_factory):
-    """Root of a synthetic COCO captions dataset (capfast.synth layout):
+    """Root of a synthetic COCO captions dataset (capfast.pack.synth layout):
     images/{train,val}/*.jpg, annotations/captions_{train,val}.json and dataset_coco.json (Karpathy)."""
-    from capfast.synth import make_synthetic_coco
+    from capfast.pack.synth import make_synthetic_coco
 
     root = tmp_path_factory.mktemp("synth_coco")
     make_synthetic_coco(root, n_train=SYNTH_TRAIN, n_val=SYNTH_VAL, seed=0, karpathy=True)
@@ -24,7 +24,7 @@ def synth_coco(tmp_path_factory):
 def converted(synth_coco, tmp_path_factory):
     """A data dir holding train.beton, val.beton, refs_{train,val}.json, vocab.json and meta.json,
     converted at 64x64 with min_count=1 and 2 workers (5 captions per image, max_len 16)."""
-    from capfast.convert import convert
+    from capfast.pack.convert import convert
 
     out = tmp_path_factory.mktemp("converted")
     for split in ("train", "val"):

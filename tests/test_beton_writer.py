@@ -1,15 +1,15 @@
-"""capfast.beton_writer (ffcv's .beton layout, written in order) and capfast.pool (the ordered worker pool)."""
+"""capfast.pack.beton_writer (ffcv's .beton layout, written in order), capfast.pack.pool (the ordered worker pool)."""
 
 import os
 
 import numpy as np
 import pytest
 
-from capfast import schema
-from capfast.beton_writer import MIN_PAGE_SIZE, BetonWriter, jpeg_field_class, page_size_for
 from capfast.errors import CapfastError
-from capfast.inspect_beton import BetonContents
-from capfast.pool import ordered_map
+from capfast.pack.beton_writer import MIN_PAGE_SIZE, BetonWriter, jpeg_field_class, page_size_for
+from capfast.pack.pool import ordered_map
+from capfast.store import schema
+from capfast.store.beton import BetonContents
 
 
 def fields():

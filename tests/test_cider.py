@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from capfast.cider import CiderD, words_before
-from capfast.vocab import SPECIALS
+from capfast.eval.cider import CiderD, words_before
+from capfast.store.vocab import SPECIALS
 
 WORDS = list(SPECIALS) + [f"w{i}" for i in range(30)]  # the vocabulary: ids 4..33 are words
 OOV = [f"rare{i}" for i in range(8)] + ["<unk>"]        # words in references that the vocabulary lacks

@@ -12,13 +12,13 @@ import psutil
 import pytest
 from PIL import Image
 
-from capfast import schema
-from capfast.convert import convert
 from capfast.errors import CapfastError
-from capfast.images import prepare_image
-from capfast.inspect_beton import BetonContents
-from capfast.text import tokenize
-from capfast.vocab import Vocab
+from capfast.pack.convert import convert
+from capfast.pack.images import prepare_image
+from capfast.store import schema
+from capfast.store.beton import BetonContents
+from capfast.store.text import tokenize
+from capfast.store.vocab import Vocab
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
@@ -392,7 +392,8 @@ BAD_INPUTS = {
     "bad quality": (lambda t, s: ["--annotations", s / "annotations/captions_train.json",
                                   "--images", s / "images/train", "--quality", 0], "--quality must be"),
     "bad split name": (lambda t, s: ["--annotations", s / "annotations/captions_train.json",
-                                     "--images", s / "images/train", "--split", "../x"], "invalid split name"),
+                                     "--images", s / "images/train", "--split", "../x"],
+                       "--split must be a split name"),
 }
 
 

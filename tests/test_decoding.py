@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capfast.decoding import beam_search, generate, greedy, repeated_ngram_mask
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig, build_captioner
+from capfast.models.generate import beam_search, generate, greedy, repeated_ngram_mask
 
 VOCAB, PAD, BOS, EOS = 24, 0, 1, 2
 # One caption per image, of different lengths, so eos placement is learnt too.

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_train import assert_clean_error
 
 from capfast.train.config import load_config
 
@@ -28,13 +29,6 @@ def trained_run(converted, tmp_path_factory):
     return out
 
 
-def assert_clean_error(result, *needles):
-    assert result.code != 0
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
-
-
 def test_training_validates_and_keeps_best(trained_run, tb_scalars):
     assert (trained_run / "best.pt").is_file() and (trained_run / "last.pt").is_file()
     scalars = tb_scalars(trained_run)
@@ -44,18 +38,18 @@ def test_training_validates_and_keeps_best(trained_run, tb_scalars):
 def test_eval_writes_metrics_and_coco_results(trained_run, converted, tmp_path, capfast_cli):
     from pycocotools.coco import COCO
 
-    from capfast.metrics import write_reference_annotations
-    from capfast.evaluate import load_references
+    from capfast.eval.metrics import write_reference_annotations
+    from capfast.store.references import load_references
 
-    result = capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", converted / "val.beton",
+    result = capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", converted, "--split", "val",
                          "--beam", "2", "--json", tmp_path / "m.json", "--results", tmp_path / "r.json")
     assert result.code == 0, result.stderr
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert METRICS <= set(metrics) and all(np.isfinite(v) for v in metrics.values())
-    accuracies = {"accuracy/colour", "accuracy/shape", "accuracy/position"}  # synth data carries attributes
+    accuracies = {"accuracy/color", "accuracy/shape", "accuracy/position"}  # synth data carries attributes
     assert accuracies | {f"blind/{k}" for k in accuracies | METRICS} <= set(metrics)
     assert all(0 <= metrics[k] <= 1 for k in accuracies)
-    assert "blind" in result.stdout and "accuracy/colour" in result.stdout
+    assert "blind" in result.stdout and "accuracy/color" in result.stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert len(results) == 12  # every validation image exactly once
     write_reference_annotations(load_references(converted / "refs_val.json"), tmp_path / "refs.json")
@@ -95,20 +89,24 @@ def test_caption_reports_unreadable_files_and_goes_on(trained_run, tmp_path, cap
 
 
 def test_eval_bad_inputs(trained_run, converted, tmp_path, capfast_cli):
-    assert_clean_error(capfast_cli("eval", "--checkpoint", tmp_path / "nope.pt", "--data", converted / "val.beton"),
+    assert_clean_error(capfast_cli("eval", "--checkpoint", tmp_path / "nope.pt", "--data", converted, "--split", "val"),
                        "checkpoint not found")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((trained_run / "best.pt").read_bytes()[:1000])
-    assert_clean_error(capfast_cli("eval", "--checkpoint", corrupt, "--data", converted / "val.beton"),
+    assert_clean_error(capfast_cli("eval", "--checkpoint", corrupt, "--data", converted, "--split", "val"),
                        "cannot read checkpoint")
     data = tmp_path / "data"
     shutil.copytree(converted, data)
     vocab = json.loads((data / "vocab.json").read_text())
     vocab["words"].append("zebra-that-was-never-seen")
     (data / "vocab.json").write_text(json.dumps(vocab))
-    assert_clean_error(capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data / "val.beton"),
+    assert_clean_error(capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data, "--split", "val"),
                        "different vocabulary")
     assert_clean_error(capfast_cli("caption", "--checkpoint", corrupt, tmp_path / "x.jpg"), "cannot read checkpoint")
+    assert_clean_error(capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data / "val.beton"),
+                       f"--data {data} --split val")
+    assert_clean_error(capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data, "--split", "tset"),
+                       "tset.beton not found", "holds: train, val")
 
 
 def test_eval_under_torchrun_scores_every_image_once(trained_run, converted, tmp_path, free_port):
@@ -117,7 +115,7 @@ def test_eval_under_torchrun_scores_every_image_once(trained_run, converted, tmp
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
            "--master_addr=127.0.0.1", "-m", "capfast", "eval", "--checkpoint", trained_run / "best.pt",
-           "--data", converted / "val.beton", "--beam", "1", "--results", tmp_path / "r.json"]
+           "--data", converted, "--split", "val", "--beam", "1", "--results", tmp_path / "r.json"]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "r.json").read_text())
@@ -131,7 +129,7 @@ def test_eval_needs_no_meta_json(trained_run, converted, tmp_path, capfast_cli):
     data.mkdir()
     for name in ("val.beton", "refs_val.json", "vocab.json"):  # what eval reads; no meta.json, no train split
         shutil.copy(converted / name, data / name)
-    result = capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data / "val.beton",
+    result = capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data, "--split", "val",
                          "--beam", "1", "--no-blind", "--no-meteor", "--json", tmp_path / "m.json")
     assert result.code == 0, result.stderr
     metrics = set(json.loads((tmp_path / "m.json").read_text()))
@@ -140,17 +138,17 @@ def test_eval_needs_no_meta_json(trained_run, converted, tmp_path, capfast_cli):
 
 def test_max_images_counts_over_all_ranks(trained_run, converted):
     """Under DDP each rank scores its share: N ranks together score max_images, not N x max_images."""
-    from capfast.checkpoint import load_model
     from capfast.data.loader import CaptionLoader, build_loader
     from capfast.data.order import Shard
-    from capfast.evaluate import decode_split
+    from capfast.eval.evaluate import generate_split
+    from capfast.models.checkpoint import load_model
 
     model, vocab, state = load_model(trained_run / "best.pt")
     settings = build_loader(converted / "val.beton", batch_size=4, train=False, image_size=32).settings
     ids = []
     for rank in (0, 1):
         rank_loader = CaptionLoader(converted / "val.beton", settings, Shard(rank, 2))
-        results = decode_split(model, rank_loader, vocab, beam_size=1, max_images=5).results
+        results = generate_split(model, rank_loader, vocab, beam_size=1, max_images=5).results
         assert len(results) == (3, 2)[rank]
         ids += list(results)
     assert len(set(ids)) == 5
@@ -165,19 +163,19 @@ def test_max_images_counts_over_all_ranks(trained_run, converted):
     ("a white background", (False, False, False)),
 ])
 def test_attribute_accuracy_of_one_shape(caption, expected):
-    from capfast.attributes import ATTRIBUTES, image_correct, mentions
+    from capfast.eval.attributes import ATTRIBUTES, image_correct, mentions
 
-    truth = [{"colour": "red", "shape": "circle", "position": "left"}]
+    truth = [{"color": "red", "shape": "circle", "position": "left"}]
     assert tuple(image_correct(mentions(caption), truth)[a] for a in ATTRIBUTES) == expected
 
 
 def test_attribute_accuracy_of_two_shapes_binds_positions_to_shapes():
-    from capfast.attributes import attribute_accuracy
+    from capfast.eval.attributes import attribute_accuracy
 
-    truth = {1: [{"colour": "red", "shape": "circle", "position": "left"},
-                 {"colour": "blue", "shape": "square", "position": "right"}]}
+    truth = {1: [{"color": "red", "shape": "circle", "position": "left"},
+                 {"color": "blue", "shape": "square", "position": "right"}]}
     right = "a blue square on the right and a red circle to the left"
     swapped = "a red circle on the right and a blue square on the left"
-    assert attribute_accuracy({1: right}, truth) == {"accuracy/colour": 1, "accuracy/shape": 1, "accuracy/position": 1}
-    assert attribute_accuracy({1: swapped}, truth) == {"accuracy/colour": 1, "accuracy/shape": 1,
+    assert attribute_accuracy({1: right}, truth) == {"accuracy/color": 1, "accuracy/shape": 1, "accuracy/position": 1}
+    assert attribute_accuracy({1: swapped}, truth) == {"accuracy/color": 1, "accuracy/shape": 1,
                                                        "accuracy/position": 0}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from capfast.images import BadImage, decode_plain_jpeg, draft_scale, load_rgb, prepare_image, prepare_jpeg, resized
+from capfast.pack.images import BadImage, decode_plain_jpeg, draft_scale, load_rgb, prepare_image, prepare_jpeg, resized
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 

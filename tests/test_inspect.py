@@ -4,10 +4,10 @@ import shutil
 import numpy as np
 import pytest
 
-from capfast import schema
 from capfast.errors import CapfastError
-from capfast.inspect_beton import BetonContents, check_beton, describe_beton
-from capfast.vocab import Vocab
+from capfast.store import schema
+from capfast.store.beton import BetonContents, check_beton, describe_beton
+from capfast.store.vocab import Vocab
 
 
 def test_describe_converted_beton(converted):

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torchvision.io as tio
 
-from capfast import schema
 from capfast.data import Batch, augment, build_loader, preprocess_images
 from capfast.data.order import batch_seed
 from capfast.errors import CapfastError
-from capfast.inspect_beton import BetonContents
+from capfast.store import schema
+from capfast.store.beton import BetonContents
 
 # numba prints a harmless KeyError when ffcv's compiled pipelines are garbage-collected
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -148,7 +148,7 @@ def test_the_jpeg_bytes_path_gives_the_same_batches(mixed_beton):
     from capfast.data.loader import CaptionLoader
 
     pixels = loader(mixed_beton, batch_size=3, seed=4, color_jitter=0.2)
-    jpeg_bytes = CaptionLoader(mixed_beton, replace(pixels.settings, decoder="bytes"), pixels.shard)
+    jpeg_bytes = CaptionLoader(mixed_beton, replace(pixels.settings, decode="batched"), pixels.shard)
     pairs = list(zip(pixels.epoch(1), jpeg_bytes.epoch(1)))
     assert len(pairs) == 2
     for a, b in pairs:
@@ -215,8 +215,8 @@ def test_batched_resize_matches_per_image_resize():
     boxes = torch.tensor([[0, 0, 64, 48], [2, 3, 15, 20], [10, 5, 40, 50], [0, 10, 33, 70]])
     batched = augment.resize_batched(augment.pad_images(images), boxes, 40)
     exact = torch.stack([torch.nn.functional.interpolate(
-        image[None, :, t:t + h, l:l + w].float(), size=(40, 40), mode="bilinear", antialias=True)[0]
-        for image, (t, l, h, w) in zip(images, boxes.tolist())])
+        image[None, :, t:t + h, x:x + w].float(), size=(40, 40), mode="bilinear", antialias=True)[0]
+        for image, (t, x, h, w) in zip(images, boxes.tolist())])
     assert (batched - exact.round()).abs().max() <= 1
     assert (batched - augment.resize_per_image(images, boxes, 40).float()).abs().max() <= 1
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capfast import schema
 from capfast.data import augment, build_loader, resize_cpu
 from capfast.data.order import batch_seed
+from capfast.store import schema
 
 LEVEL = 1 / 255 / min(augment.IMAGENET_STD)  # one uint8 level, normalized
 SIZE = 24
@@ -46,7 +46,7 @@ def ffcv_decoded(beton) -> list[torch.Tensor]:
     from ffcv.libffcv import imdecode
     from numba import njit
 
-    from capfast.inspect_beton import BetonContents
+    from capfast.store.beton import BetonContents
 
     contents, decode, images = BetonContents(beton), njit(imdecode), []
     for record in range(len(contents)):

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from capfast.inspect_beton import BetonContents
+from capfast.store.beton import BetonContents
 
 # numba prints a harmless KeyError when ffcv's compiled pipelines are garbage-collected
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -1,4 +1,4 @@
-"""capfast.metrics against pycocoevalcap's own pipeline (COCO + loadRes + COCOEvalCap, Java PTBTokenizer).
+"""capfast.eval.metrics against pycocoevalcap's own pipeline (COCO + loadRes + COCOEvalCap, Java PTBTokenizer).
 
 EXPECTED was computed by that pipeline on the data below, so the default (pure Python) path is checked without
 Java; with `java` on PATH the official pipeline also runs live (SPICE stubbed out: it downloads CoreNLP).
@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 
-from capfast import metrics
 from capfast.errors import CapfastError
-from capfast.metrics import score, write_reference_annotations, write_results
+from capfast.eval import metrics
+from capfast.eval.metrics import score, write_reference_annotations, write_results
 
 REFERENCES = {
     139: ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave in the ocean.",
@@ -135,7 +135,7 @@ def test_unknown_meteor_mode_is_a_programming_error():
 def test_without_java_meteor_is_skipped_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     monkeypatch.setattr(metrics, "_warned_meteor_skipped", False)
-    with caplog.at_level(logging.WARNING, logger="capfast.metrics"):
+    with caplog.at_level(logging.WARNING, logger="capfast.eval.metrics"):
         first = score(RESULTS, REFERENCES)
         second = score(RESULTS, REFERENCES)
     assert "METEOR" not in first and first == second
@@ -214,6 +214,6 @@ def test_a_failing_meteor_jar_is_reported(monkeypatch, caplog):
     monkeypatch.setattr(pycocoevalcap.meteor.meteor, "METEOR_JAR", "missing-meteor.jar")
     with pytest.raises(CapfastError, match="METEOR failed: .*missing-meteor.jar"):
         score(RESULTS, REFERENCES, meteor=True)
-    with caplog.at_level(logging.WARNING, logger="capfast.metrics"):
+    with caplog.at_level(logging.WARNING, logger="capfast.eval.metrics"):
         scores = score(RESULTS, REFERENCES)
     assert "METEOR" not in scores and "METEOR left out" in caplog.text

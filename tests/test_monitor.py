@@ -85,8 +85,8 @@ def test_custom_scalars_layout_charts_the_logged_tags(watched_run):
     assert not any("slowest" in t for t in waits)  # single process: no slowest-rank series
     assert set(logged) <= charted | {"train/lr", "perf/gpu_mem_gb", "val/BLEU-1", "val/BLEU-2", "val/BLEU-3",
                                      "val/ROUGE-L", "best/BLEU-1", "best/BLEU-2", "best/BLEU-3", "best/ROUGE-L",
-                                     "best/accuracy/colour", "best/accuracy/shape", "best/accuracy/position"}
-    assert "val/accuracy/colour" in charted  # synthetic data: the attribute accuracy of capfast/attributes.py
+                                     "best/accuracy/color", "best/accuracy/shape", "best/accuracy/position"}
+    assert "val/accuracy/color" in charted  # synthetic data: the attribute accuracy of capfast/eval/attributes.py
 
 
 def test_hparams_entry_holds_the_config_and_its_metrics(watched_run, tb_scalars):

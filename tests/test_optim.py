@@ -1,7 +1,6 @@
 """Optimizer parameter groups: which parameters decay, which learning rate each gets."""
 
 import pytest
-import torch
 from torch import nn
 
 from capfast.models import ModelConfig, build_captioner

@@ -25,7 +25,7 @@ def test_converters_import_under_capfast():
 
 
 def test_ffcv_imports_without_compiling_a_numba_dict():
-    """capfast.ffcv_import: ffcv's IMAGE_MODES is a plain dict (numba would compile its typed Dict, ~3.6 s a
+    """capfast.common.ffcv_import: ffcv's IMAGE_MODES is a plain dict (numba would compile its typed Dict, ~3.6 s a
     process), with ffcv's values, and numba.typed.Dict is numba's own again afterwards."""
     import subprocess
     import sys

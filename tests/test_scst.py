@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import TINY as TRAIN_TINY
+from test_train import assert_clean_error
 
-from capfast import checkpoint
-from capfast.models import ModelConfig, build_captioner
-from capfast.sampling import sample_captions
+from capfast.models import ModelConfig, build_captioner, checkpoint
+from capfast.models.sampling import sample_captions
 from capfast.train.config import load_config
-from test_train import TINY as TRAIN_TINY, assert_clean_error
 
 ROOT = Path(__file__).resolve().parents[1]
 # test_train's tiny recipe, the encoder left as the recipe says (SCST tests choose frozen or trainable themselves)
@@ -30,7 +30,7 @@ def tiny_model(decoder: str, vocab_size: int = 12):
 
 @pytest.mark.parametrize("decoder", ["transformer", "lstm"])
 def test_samples_stop_at_eos_and_greedy_row_is_greedy(decoder):
-    from capfast.decoding import greedy
+    from capfast.models.generate import greedy
 
     model = tiny_model(decoder)
     images = torch.randn(3, 3, 32, 32)
@@ -55,7 +55,7 @@ def test_samples_stop_at_eos_and_greedy_row_is_greedy(decoder):
 def test_loss_differentiates_the_distribution_the_samples_came_from():
     """log p(sample) of the teacher-forced pass = the sum of the sampler's step log-probabilities (pad and bos
     banned, eos banned at the first step, temperature applied)."""
-    from capfast.decoding import constrain
+    from capfast.models.generate import constrain
     from capfast.train.scst import SelfCritical
 
     model = tiny_model("transformer")
@@ -86,9 +86,9 @@ def test_loss_differentiates_the_distribution_the_samples_came_from():
 @pytest.mark.parametrize("baseline", ["mean", "greedy"])
 def test_advantage_is_the_reward_minus_the_configured_baseline(baseline):
     """mean: the average reward of the image's other samples; greedy: the greedy caption's (row 0) reward."""
-    from capfast.cider import CiderD
+    from capfast.eval.cider import CiderD
+    from capfast.store.vocab import SPECIALS
     from capfast.train.scst import ScstBatch, SelfCritical
-    from capfast.vocab import SPECIALS
 
     words = list(SPECIALS) + ["a", "red", "blue", "circle", "square", "big"]
     ids = {w: i for i, w in enumerate(words)}
@@ -151,7 +151,8 @@ def test_scst_run_logs_its_scalars_and_resumes_exactly(converted, xe_checkpoint,
     assert all(v == pytest.approx(0, abs=1e-9) for v in full["scst/advantage"].values())  # mean baseline
     assert (converted / "cider_train.npz").is_file()
     start, end = checkpoint.load(xe_checkpoint)["model"], checkpoint.load(tmp_path / "full" / "last.pt")["model"]
-    assert not torch.equal(start["encoder.trunk.conv1.weight"], end["encoder.trunk.conv1.weight"])  # trainable (cpu_smoke)
+    # trainable (cpu_smoke)
+    assert not torch.equal(start["encoder.trunk.conv1.weight"], end["encoder.trunk.conv1.weight"])
 
 
 def test_scst_in_bf16_with_a_frozen_encoder(converted, xe_checkpoint, tmp_path, tb_scalars):

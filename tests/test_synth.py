@@ -3,8 +3,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from capfast.synth import ANCHORS, COLORS, SHAPES, make_synthetic_coco
-from capfast.text import tokenize
+from capfast.pack.synth import ANCHORS, COLORS, SHAPES, make_synthetic_coco
+from capfast.store.text import tokenize
 
 
 def all_files(root):
@@ -83,8 +83,8 @@ def test_karpathy_file(synth_coco):
 
 def test_textured_images_are_deterministic_and_convert_to_photo_sized_jpegs(tmp_path):
     """--textured exists for loader benchmarks: at 256² q90 its JPEGs must weigh like COCO photos (>= 15 KB)."""
-    from capfast.convert import convert
-    from capfast.inspect_beton import BetonContents
+    from capfast.pack.convert import convert
+    from capfast.store.beton import BetonContents
 
     a = make_synthetic_coco(tmp_path / "a", n_train=8, n_val=0, seed=3, texture=True)
     b = make_synthetic_coco(tmp_path / "b", n_train=8, n_val=0, seed=3, texture=True)
@@ -104,7 +104,7 @@ def test_cli(tmp_path, capfast_cli):
 def test_attributes_record_what_each_caption_names(synth_coco):
     """attributes_SPLIT.json holds every image's shapes; parsed, each reference caption names their colours and
     kinds, and their positions whenever it names positions at all."""
-    from capfast.attributes import image_correct, load_attributes, mentions
+    from capfast.eval.attributes import image_correct, load_attributes, mentions
 
     for split in ("train", "val"):
         coco = json.loads((synth_coco / "annotations" / f"captions_{split}.json").read_text())
@@ -114,7 +114,7 @@ def test_attributes_record_what_each_caption_names(synth_coco):
         for annotation in coco["annotations"]:
             named = mentions(annotation["caption"])
             correct = image_correct(named, attributes[annotation["image_id"]])
-            assert correct["colour"] and correct["shape"], annotation["caption"]
+            assert correct["color"] and correct["shape"], annotation["caption"]
             if all(m["position"] for m in named):
                 assert correct["position"], annotation["caption"]
                 positioned += 1
@@ -135,10 +135,10 @@ def test_each_image_shows_the_colours_its_attributes_record(converted):
     the id the loader reports."""
     import torch
 
-    from capfast.attributes import load_attributes
     from capfast.data import build_loader
-    from capfast.evaluate import _denormalize
-    from capfast.synth import ANCHORS, BACKGROUNDS, COLORS
+    from capfast.eval.attributes import load_attributes
+    from capfast.eval.evaluate import _denormalize
+    from capfast.pack.synth import ANCHORS, BACKGROUNDS, COLORS
 
     palette = {**COLORS, **BACKGROUNDS}
     rgb = torch.tensor(list(palette.values()), dtype=torch.float32)
@@ -151,7 +151,7 @@ def test_each_image_shows_the_colours_its_attributes_record(converted):
             for shape in attributes[image_id]:
                 x, y = (int(f * 64) for f in ANCHORS[shape["position"]])
                 nearest = (rgb - image[:, y, x]).norm(dim=1).argmin()
-                right += list(palette)[nearest] == shape["colour"]
+                right += list(palette)[nearest] == shape["color"]
                 checked += 1
     assert checked >= len(attributes) and right >= 0.9 * checked
 

@@ -1,6 +1,6 @@
 import pytest
 
-from capfast.text import normalize, tokenize
+from capfast.store.text import normalize, tokenize
 
 
 @pytest.mark.parametrize("caption, expected", [

@@ -82,7 +82,7 @@ loss = trainer._accumulate_gradients([batch])
 if trainer.dist.is_main:
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     torch.save({"loss": loss.item(), "grads": grads, "ids": batch.image_ids}, Path(sys.argv[3]) / "step1.pt")
-from capfast.train import distributed; distributed.shutdown()
+from capfast.common import distributed; distributed.shutdown()
 """
 
 
@@ -149,7 +149,8 @@ def assert_clean_error(result, *needles):
 
 
 def test_missing_data_dir(tmp_path, capfast_cli):
-    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", tmp_path / "nope", "--out", tmp_path / "r")
+    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", tmp_path / "nope",
+                         "--out", tmp_path / "r")
     assert_clean_error(result, "data directory not found")
 
 
@@ -159,13 +160,15 @@ def test_missing_config(converted, tmp_path, capfast_cli):
 
 
 def test_unknown_key_suggests_the_closest(converted, tmp_path, capfast_cli):
-    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "r",
+    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
+                         "--out", tmp_path / "r",
                        "optim.lr_warmup=3")
     assert_clean_error(result, "unknown config key 'optim.lr_warmup'", "did you mean")
 
 
 def test_fp16_on_cpu_is_refused(converted, tmp_path, capfast_cli):
-    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "r",
+    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
+                         "--out", tmp_path / "r",
                        "precision=fp16", "device=cpu")
     assert_clean_error(result, "fp16")
 
@@ -176,13 +179,15 @@ def test_vocab_not_matching_the_beton(converted, tmp_path, capfast_cli):
     vocab = json.loads((data / "vocab.json").read_text())
     vocab["words"] = vocab["words"][:4] + list(reversed(vocab["words"][4:]))
     (data / "vocab.json").write_text(json.dumps(vocab))
-    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", data, "--out", tmp_path / "r")
+    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", data,
+                         "--out", tmp_path / "r")
     assert_clean_error(result, "different vocabulary")
 
 
 def test_resume_refuses_changes_that_break_continuing_exactly(converted, tmp_path, capfast_cli):
     train(converted, tmp_path / "run", "epochs=2", "max_steps=3")
-    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "run",
+    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
+                         "--out", tmp_path / "run",
                          "--resume", *TINY, "epochs=2", "model.d_model=64", "data.batch_size=16", "seed=7")
     assert_clean_error(result, "model.d_model 32 -> 64", "data.batch_size 8 -> 16", "seed 0 -> 7")
 
@@ -192,7 +197,8 @@ def test_resume_applies_and_records_safe_changes(converted, tmp_path, capfast_cl
 
     run = tmp_path / "run"
     train(converted, run, "epochs=2", "max_steps=3")
-    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted, "--out", run,
+    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
+                         "--out", run,
                          "--resume", *TINY, "epochs=3", "max_steps=5", "optim.lr=1e-3")
     assert result.code == 0, result.stderr
     assert "changed settings: optim.lr 0.003 -> 0.001, epochs 2 -> 3, max_steps 3 -> 5" in result.stderr
@@ -206,7 +212,8 @@ def test_resume_applies_and_records_safe_changes(converted, tmp_path, capfast_cl
 
 def test_existing_run_needs_resume(converted, tmp_path, capfast_cli):
     train(converted, tmp_path / "run", "epochs=1")
-    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted, "--out", tmp_path / "run")
+    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
+                         "--out", tmp_path / "run")
     assert_clean_error(result, "--resume")
 
 

@@ -26,7 +26,7 @@ capfast train --config configs/cpu_smoke.toml --data "$OUT/data" --out "$OUT/run
 
 echo "== 4/5 evaluate on the validation split =="
 # --no-meteor: METEOR's Java start (~10 s) does not fit the demo's 3 minutes; `capfast eval` scores it by default.
-capfast eval --checkpoint "$OUT/run/last.pt" --data "$OUT/data/val.beton" --beam 3 --no-meteor \
+capfast eval --checkpoint "$OUT/run/last.pt" --data "$OUT/data" --split val --beam 3 --no-meteor \
   --json "$OUT/metrics.json" --results "$OUT/results.json"
 
 echo "== 5/5 caption a few images =="

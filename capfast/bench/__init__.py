@@ -1,8 +1,8 @@
 """`capfast bench ...`: throughput benchmarks, each against a baseline run in the same process."""
 
-import importlib
-
 import click
+
+from capfast.common.commands import LazyGroup
 
 SUBCOMMANDS = {
     "convert": ("capfast.bench.convert", "convert img/s vs a single-process PIL resize+encode loop"),
@@ -13,21 +13,7 @@ SUBCOMMANDS = {
 }
 
 
-class _LazyBench(click.Group):
-    def list_commands(self, ctx):
-        return list(SUBCOMMANDS)
-
-    def get_command(self, ctx, name):
-        if name not in SUBCOMMANDS:
-            return None
-        return importlib.import_module(SUBCOMMANDS[name][0]).command
-
-    def format_commands(self, ctx, formatter):
-        with formatter.section("Benchmarks"):
-            formatter.write_dl([(n, h) for n, (_, h) in SUBCOMMANDS.items()])
-
-
-@click.group(cls=_LazyBench)
+@click.group(cls=LazyGroup, table=SUBCOMMANDS, section="Benchmarks")
 def command():
     """Throughput benchmarks. Each prints a ratio against a baseline measured in the same run,
     and ends with one machine-readable line of key=value pairs."""

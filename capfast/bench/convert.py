@@ -71,7 +71,7 @@ def ffcv_writer(paths: list[Path], out: Path, workers: int) -> float:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    from capfast.pool import opencv_single_threaded
+    from capfast.pack.pool import opencv_single_threaded
 
     fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=QUALITY), "image_id": IntField()}
     started = time.perf_counter()
@@ -82,7 +82,7 @@ def ffcv_writer(paths: list[Path], out: Path, workers: int) -> float:
 
 
 def capfast_convert(root: Path, out: Path, workers: int) -> float:
-    from capfast.convert import convert
+    from capfast.pack.convert import convert
 
     started = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # its per-split summary line
@@ -95,8 +95,8 @@ def capfast_convert(root: Path, out: Path, workers: int) -> float:
 def run(n_images: int, workers: int | None, rounds: int = 2, side_range=(480, 640), textured: bool = False) -> dict:
     import ffcv.writer  # noqa: F401  (pay the import before timing)
 
-    from capfast.convert import default_workers
-    from capfast.synth import make_synthetic_coco
+    from capfast.pack.convert import default_workers
+    from capfast.pack.synth import make_synthetic_coco
 
     workers = workers or default_workers()
     best = {"capfast": float("inf"), "baseline": float("inf"), "ffcv": float("inf")}
@@ -131,7 +131,8 @@ def command(n_images, workers, rounds, textured):
     result = run(n_images, workers, rounds, textured=textured)
     processes = f"{result['workers']} processes"
     kind = "textured (photo-like)" if textured else "flat-shape"
-    click.echo(f"{result['images']} synthetic {kind} images of 480-640 px, mean {result['input_kb']:.0f} KB -> 256² JPEG q90")
+    click.echo(f"{result['images']} synthetic {kind} images of 480-640 px, mean {result['input_kb']:.0f} KB "
+               "-> 256² JPEG q90")
     click.echo(f"capfast convert ({processes}):        {result['capfast_img_s']:.1f} img/s")
     click.echo(f"PIL decode+resize+encode loop ({processes}): {result['baseline_img_s']:.1f} img/s")
     click.echo(f"ffcv DatasetWriter, jpg ({processes}):  {result['ffcv_img_s']:.1f} img/s")

@@ -26,8 +26,8 @@ import click
 import numpy as np
 import torch
 
-from capfast import schema
 from capfast.errors import CapfastError
+from capfast.store import schema
 
 WARMUP_BATCHES = 3
 CROP_SCALE, CROP_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
@@ -95,7 +95,7 @@ def baseline_batches(loader, device: torch.device):
 
 def read_records(beton, count: int):
     """JPEG bytes and captions of the first `count` records, straight from the file."""
-    from capfast.inspect_beton import BetonContents
+    from capfast.store.beton import BetonContents
 
     contents = BetonContents(beton)
     count = min(count, len(contents))
@@ -165,7 +165,7 @@ CEILING_WARMUP, CEILING_REPEATS = 2, 12
 
 
 def mean_jpeg_bytes(beton) -> float:
-    from capfast.inspect_beton import BetonContents
+    from capfast.store.beton import BetonContents
 
     return float(BetonContents(beton).image_nbytes().mean())
 

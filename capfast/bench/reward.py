@@ -80,10 +80,10 @@ class PlainCiderD:
 
 
 def load_data_corpus(data_dir: Path):
-    from capfast import schema
-    from capfast.evaluate import load_references
-    from capfast.text import tokenize_batch
-    from capfast.vocab import Vocab
+    from capfast.store import schema
+    from capfast.store.references import load_references
+    from capfast.store.text import tokenize_batch
+    from capfast.store.vocab import Vocab
 
     references = load_references(schema.refs_path(data_dir, "train"))
     tokens = iter(tokenize_batch([c for captions in references.values() for c in captions]))
@@ -101,7 +101,7 @@ def load_data_corpus(data_dir: Path):
 @click.option("--seed", default=0, show_default=True)
 def command(data_dir, images, captions, baseline_captions, batch, seed):
     """CIDEr-D reward throughput on one core (numba kernel) against a plain Python implementation."""
-    from capfast.cider import CiderD
+    from capfast.eval.cider import CiderD
 
     corpus, words = load_data_corpus(data_dir) if data_dir else synthetic_corpus(images, seed)
     start = time.perf_counter()

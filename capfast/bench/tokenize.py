@@ -34,7 +34,7 @@ def regex_split(captions: list[str]) -> list[str]:
 @click.option("--captions", default=20_000, show_default=True, help="Captions tokenized by each contender.")
 def command(captions):
     """Captions per second: capfast's PTB port against the Java PTBTokenizer (or a regex split without java)."""
-    from capfast.text import tokenize
+    from capfast.store.text import tokenize
 
     lines = sample_captions(captions)
     tokenize("Warm-up: compile the lexer.")
@@ -49,4 +49,5 @@ def command(captions):
     agree = sum(a == b for a, b in zip(ours, theirs)) / captions
     click.echo(f"capfast tokenizer (1 thread): {rate:,.0f} captions per CPU-second")
     click.echo(f"{name}: {baseline_rate:,.0f} captions/s wall; same tokens for {agree:.1%} of the captions")
-    click.echo(f"capfast_captions_s={rate:.0f} baseline_captions_s={baseline_rate:.0f} ratio={rate / baseline_rate:.2f}")
+    click.echo(f"capfast_captions_s={rate:.0f} baseline_captions_s={baseline_rate:.0f} "
+               f"ratio={rate / baseline_rate:.2f}")

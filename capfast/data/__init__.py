@@ -1,4 +1,4 @@
-"""Data loading: capfast betons -> normalized, augmented image batches on the training device (issue #3).
+"""The read side, the hot path: betons -> normalized, augmented image batches on the training device.
 
   build_loader(beton, batch_size=..., train=...) -> CaptionLoader   len(), num_samples, epoch(n, skip_batches)
   Batch(images, captions, ncaptions, image_ids)

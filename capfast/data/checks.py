@@ -5,12 +5,11 @@ import os
 import numpy as np
 import torch
 
-from capfast import schema
 from capfast.data import order as orders
 from capfast.errors import CapfastError
+from capfast.store import schema
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-JPG_MODE = 0  # ffcv RGBImageField mode of JPEG-compressed records
 
 
 def check_images(reader, beton: str) -> int:
@@ -18,7 +17,7 @@ def check_images(reader, beton: str) -> int:
     if reader.num_samples == 0:
         raise CapfastError(f"{beton} has no records")
     meta = reader.metadata[f"f{reader.field_names.index(schema.IMAGE)}"]
-    if np.any(meta["mode"] != JPG_MODE):
+    if np.any(meta["mode"] != schema.JPG_MODE):
         raise CapfastError(f"{beton} stores raw (not JPEG) images; convert it again with capfast convert")
     table = reader.alloc_table
     by_ptr = np.argsort(table["ptr"])

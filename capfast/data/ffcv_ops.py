@@ -14,10 +14,10 @@ from queue import Empty, Full
 
 import numpy as np
 from ffcv.libffcv import imdecode, memcpy
+from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
-from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 
 from capfast.data import resize_cpu
 

@@ -13,18 +13,19 @@ batches.
 import contextlib
 import functools
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from capfast import schema
-from capfast.data import augment, checks, order as orders
+from capfast.data import augment, checks
+from capfast.data import order as orders
 from capfast.data.augment import preprocess_images  # noqa: F401  (part of this module's API)
 from capfast.data.checks import COMPUTE_DTYPES, resolve_workers  # noqa: F401  (part of this module's API)
 from capfast.data.producer import EpochBatches, Producer
 from capfast.errors import CapfastError
+from capfast.store import schema
 
 IMAGE_INFO = "image_info"  # (height, width, nbytes) of each image: an extra ffcv output read from `image`
 DEFAULT_PREFETCH = 3
@@ -57,7 +58,9 @@ class LoaderSettings:
     crop_scale: tuple
     crop_ratio: tuple
     color_jitter: float
-    decoder: str  # "ffcv": libjpeg-turbo on ffcv's threads (CPU); "bytes": decode_jpegs (nvJPEG on CUDA)
+    # "stage": each JPEG decoded with its crop and resize in ffcv's parallel stage (the CPU path); "batched": the
+    # stored bytes of a batch go to one decode_jpegs call (nvJPEG on CUDA; torchvision on the CPU, for tests)
+    decode: str
     prefetch: int = DEFAULT_PREFETCH  # batches a producer thread prepares ahead; 0: prepared on the consumer's
 
 
@@ -77,7 +80,7 @@ def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.fl
         workers=resolve_workers(num_workers), seed=checks.seed(seed), order=checks.order(order),
         os_cache=bool(os_cache), crop_scale=checks.interval(crop_scale, "crop scale", 1.0),
         crop_ratio=checks.interval(crop_ratio, "crop ratio", None), color_jitter=checks.jitter(color_jitter),
-        decoder="bytes" if device.type == "cuda" else "ffcv", prefetch=checks.prefetch(prefetch))
+        decode="batched" if device.type == "cuda" else "stage", prefetch=checks.prefetch(prefetch))
     return CaptionLoader(beton, settings, checks.shard(distributed))
 
 
@@ -85,7 +88,7 @@ class CaptionLoader:
     """Batches of one beton for this rank. len() = batches per epoch; epoch(n) iterates epoch n."""
 
     def __init__(self, beton, settings: LoaderSettings, shard: orders.Shard):
-        from capfast.inspect_beton import check_beton
+        from capfast.store.beton import check_beton
 
         self.beton = str(beton)
         self.settings = settings
@@ -170,7 +173,7 @@ class CaptionLoader:
 
     def _stage_memory(self, epoch: int, first: int) -> dict:
         """CPU: CropResizeDecoder's memory for each batch of this iterator (boxes drawn as on the GPU path)."""
-        if self.settings.decoder != "ffcv":
+        if self.settings.decode != "stage":
             return {}
         decoder = self._ffcv.pipeline_specs[schema.IMAGE].decoder
         # batches alive at once: ffcv's slots, the producer's queue, the one it is putting, the consumer's last two
@@ -230,7 +233,7 @@ class CaptionLoader:
 
     def _cpu_batch(self, raw, epoch: int, b: int) -> Batch:
         out = dict(zip(self._ffcv.pipeline_specs, raw))
-        if self.settings.decoder == "ffcv":  # cropped, resized and normalized in ffcv's stage already
+        if self.settings.decode == "stage":  # cropped, resized and normalized in ffcv's stage already
             return Batch(self._stage_images(out[schema.IMAGE]), *self._labels(out))
         boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
         with single_torch_thread():
@@ -327,7 +330,7 @@ class CaptionLoader:
             schema.NCAPTIONS: PipelineSpec(schema.NCAPTIONS, decoder=IntDecoder(), transforms=[ToTensor()]),
             schema.IMAGE_ID: PipelineSpec(schema.IMAGE_ID, decoder=IntDecoder(), transforms=[ToTensor()]),
         }
-        if self.settings.decoder == "ffcv":  # the stage reads each image's size from the metadata itself
+        if self.settings.decode == "stage":  # the stage reads each image's size from the metadata itself
             return {schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=self._crop_resize_decoder(),
                                                transforms=[ToTensor()]), **specs}
         return {schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=JpegBytesDecoder(self.max_jpeg_bytes),

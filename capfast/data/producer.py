@@ -16,7 +16,7 @@ import contextlib
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 POLL_S = 0.05  # how often a blocked put/get looks at the stop flag and the other thread
 JOIN_TIMEOUT_S = 60  # a batch in progress (a decode, a numba loop) is finished, never abandoned

@@ -1,5 +1,5 @@
-"""Captioning models: a ResNet encoder and a Transformer or LSTM (Show, Attend and Tell) decoder."""
+"""Captioning models (an image encoder, a Transformer or LSTM decoder), caption generation and checkpoints."""
 
-from capfast.models.captioner import Captioner, DecodeState, ModelConfig, build_captioner
+from capfast.models.captioner import Captioner, GenerationState, ModelConfig, build_captioner
 
-__all__ = ["Captioner", "DecodeState", "ModelConfig", "build_captioner"]
+__all__ = ["Captioner", "GenerationState", "ModelConfig", "build_captioner"]

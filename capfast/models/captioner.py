@@ -1,4 +1,4 @@
-"""Captioner = image encoder + caption decoder; its config; and the incremental-decoding state."""
+"""Captioner = image encoder + caption decoder; its config; and the state of step-by-step generation."""
 
 from dataclasses import dataclass, field
 
@@ -6,19 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capfast.common.options import build, option
 from capfast.errors import CapfastError
-from capfast.options import build, option
 from capfast.models.encoder import BATCHNORM_MODES, ENCODER_CHANNELS, Encoder
 from capfast.models.lstm import LSTMDecoder
 from capfast.models.transformer import TransformerDecoder
-from capfast.vocab import Vocab
+from capfast.store.vocab import Vocab
 
 DECODERS = ("transformer", "lstm")
 
 
 @dataclass
 class ModelConfig:
-    """Saved in checkpoints as asdict(cfg) and rebuilt with ModelConfig.from_dict: keep every field JSON-serializable."""
+    """Saved in checkpoints as asdict(cfg), rebuilt with ModelConfig.from_dict: every field JSON-serializable."""
 
     encoder: str = option("resnet50", choices=tuple(ENCODER_CHANNELS))
     # None/"random": random init | "torchvision": download | a state_dict path
@@ -50,17 +50,17 @@ class ModelConfig:
 
 
 @dataclass
-class DecodeState:
-    """What `Captioner.step` carries between steps. Every tensor has the decoding rows (images x beams) first."""
+class GenerationState:
+    """What `Captioner.step` carries between steps. Every tensor has the generation rows (images x beams) first."""
 
     tensors: dict = field(default_factory=dict)
     position: int = 0
     use_cache: bool = True
 
-    def index_select(self, rows: torch.Tensor) -> "DecodeState":
-        """Keep/reorder/duplicate decoding rows, e.g. to follow the surviving beams."""
+    def index_select(self, rows: torch.Tensor) -> "GenerationState":
+        """Keep/reorder/duplicate generation rows, e.g. to follow the surviving beams."""
         tensors = {k: v.index_select(0, rows) for k, v in self.tensors.items()}
-        return DecodeState(tensors, self.position, self.use_cache)
+        return GenerationState(tensors, self.position, self.use_cache)
 
 
 class Captioner(nn.Module):
@@ -84,17 +84,17 @@ class Captioner(nn.Module):
         """
         return self.decoder(captions[..., :-1], self.encode(images))
 
-    def init_state(self, memory: torch.Tensor, use_cache: bool = True) -> DecodeState:
-        """Decoding state for rows of `memory` [N, S, D]; the first `step` gets bos.
+    def init_state(self, memory: torch.Tensor, use_cache: bool = True) -> GenerationState:
+        """Generation state for rows of `memory` [N, S, D]; the first `step` gets bos.
 
         use_cache=False re-runs the decoder on the whole prefix at every step (slow; a reference for tests).
         """
         if use_cache:
-            return DecodeState(self.decoder.init_cache(memory))
+            return GenerationState(self.decoder.init_cache(memory))
         prefix = torch.empty(memory.shape[0], 0, dtype=torch.long, device=memory.device)
-        return DecodeState({"memory": memory, "prefix": prefix}, use_cache=False)
+        return GenerationState({"memory": memory, "prefix": prefix}, use_cache=False)
 
-    def step(self, tokens: torch.Tensor, state: DecodeState):
+    def step(self, tokens: torch.Tensor, state: GenerationState):
         """tokens [N] (the latest of each row) -> (log-probabilities [N, V] float32, next state)."""
         if state.use_cache:
             logits, tensors = self.decoder.step(tokens, state.tensors, state.position)
@@ -104,7 +104,7 @@ class Captioner(nn.Module):
             logits = self.decoder(prefix.unsqueeze(1), memory)[:, 0, -1]
             tensors = {"memory": memory, "prefix": prefix}
         logprobs = F.log_softmax(logits.float(), dim=-1)
-        return logprobs, DecodeState(tensors, state.position + 1, state.use_cache)
+        return logprobs, GenerationState(tensors, state.position + 1, state.use_cache)
 
 
 def build_decoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:

@@ -68,7 +68,7 @@ class LSTMDecoder(nn.Module):
         return self.logits(torch.stack(outputs, dim=1)).view(B, K, L, -1)
 
     def init_cache(self, memory: torch.Tensor) -> dict:
-        """Cache for `step`, every tensor with the N decoding rows first (memory [N, S, D])."""
+        """Cache for `step`, every tensor with the N generation rows first (memory [N, S, D])."""
         h, c = self.initial_hidden(memory)
         return {"h": h, "c": c, "memory": memory, "memory_keys": self.attention.memory_proj(memory)}
 

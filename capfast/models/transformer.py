@@ -4,7 +4,7 @@ Teacher forcing runs on tokens [B, K, L] (K captions per image) against memory [
 memory K times: self-attention sees each caption alone ([B*K, L, D]), and cross-attention, which has no mask,
 lets all K*L queries of an image attend to that image's memory at once ([B, K*L, D]).
 
-Incremental decoding keeps a cache: per layer the self-attention keys/values so far, and the cross-attention
+Incremental generation keeps a cache: per layer the self-attention keys/values so far, and the cross-attention
 keys/values computed once from the memory.
 """
 
@@ -134,7 +134,7 @@ class TransformerDecoder(nn.Module):
         return self.head(self.norm(x))
 
     def init_cache(self, memory: torch.Tensor) -> dict:
-        """Cache for `step`, every tensor with the N decoding rows first (memory [N, S, D])."""
+        """Cache for `step`, every tensor with the N generation rows first (memory [N, S, D])."""
         cache = {}
         for i, block in enumerate(self.blocks):
             cache[f"cross_k{i}"], cache[f"cross_v{i}"] = block.cross_attn.memory_kv(memory)

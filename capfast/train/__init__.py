@@ -1,1 +1,1 @@
-"""Training: config, the Trainer loop, DDP plumbing, optimizer, monitoring."""
+"""`capfast train`: the config, the Trainer loop, its optimizer, objectives (cross-entropy, SCST) and monitoring."""

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
+from capfast.common.io import atomic_write_text
 from capfast.errors import CapfastError
-from capfast.io import atomic_write_text
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -35,7 +35,7 @@ def command(config_path, data_dir, out_dir, resume, nproc, overrides):
 
     cfg = load_config(config_path, list(overrides))
     if nproc > 1:
-        from capfast.train.distributed import launch
+        from capfast.common.distributed import launch
 
         argv = ["train", "--config", str(config_path), "--data", str(data_dir), "--out", str(out_dir),
                 *(["--resume"] if resume else []), *overrides]
@@ -46,7 +46,7 @@ def command(config_path, data_dir, out_dir, resume, nproc, overrides):
     if not resume and last.exists():
         raise CapfastError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
 
-    from capfast.train import distributed
+    from capfast.common import distributed
     from capfast.train.resume import describe
     from capfast.train.trainer import Trainer
 

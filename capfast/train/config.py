@@ -2,21 +2,17 @@
 
 import dataclasses
 import difflib
-import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
+
+from capfast.common.options import ascending, build, option
+from capfast.common.precision import DEVICES, DTYPES
 from capfast.data.order import ORDERS
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig
-from capfast.options import ascending, build, option
-from capfast.train.precision import DEVICES, DTYPES
-
-
-def split_name(name: str) -> str | None:
-    return None if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else "a split name (letters, digits, _ - .)"
-
+from capfast.store.schema import split_name_problem
 
 OBJECTIVES = ("xe", "scst")
 SCST_BASELINES = ("mean", "greedy")
@@ -24,8 +20,8 @@ SCST_BASELINES = ("mean", "greedy")
 
 @dataclass
 class DataConfig:
-    train_split: str = option("train", check=split_name)
-    val_split: str = option("val", check=split_name)
+    train_split: str = option("train", check=split_name_problem)
+    val_split: str = option("val", check=split_name_problem)
     image_size: int = option(224, min=16, max=4096)
     batch_size: int = option(64, min=1)          # global: split evenly over DDP ranks
     workers: int = option(0, min=0)              # decode threads per rank; 0 = all cores / ranks
@@ -33,7 +29,7 @@ class DataConfig:
     os_cache: bool = option(True)
     crop_scale: tuple[float, float] = option((0.35, 1.0), above=0, max=1, check=ascending)  # crop area / image
     color_jitter: float = option(0.0, min=0, below=1)
-    prefetch: int = option(3, min=0)            # batches a producer thread prepares ahead of training (0 = none: synchronous)
+    prefetch: int = option(3, min=0)            # batches prepared ahead by a producer thread (0 = none: synchronous)
 
 
 @dataclass
@@ -64,7 +60,7 @@ class ScstConfig:
 
     samples: int = option(5, min=1)              # sampled captions per image (>= 2 with baseline = "mean")
     baseline: str = option("mean", choices=SCST_BASELINES)  # mean: of the image's other samples' rewards | greedy
-    max_len: int = option(16, min=1)             # longest sampled caption in tokens, eos included (< model.max_positions)
+    max_len: int = option(16, min=1)             # longest sampled caption in tokens, eos included (< max_positions)
     temperature: float = option(1.0, above=0)    # sampling (and the gradient) use softmax(logits / temperature)
 
 
@@ -76,7 +72,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     scst: ScstConfig = field(default_factory=ScstConfig)
     objective: str = option("xe", choices=OBJECTIVES)  # xe: cross-entropy on the references | scst: self-critical
-    init_from: str = option("")                  # checkpoint to start from: its model config and weights (not its optimizer/step)
+    init_from: str = option("")                  # checkpoint to start from: its model config and weights only
     epochs: int = option(10, min=1)
     max_steps: int = option(0, min=0)            # stop after this many optimizer steps (0 = run all epochs)
     encoder_trainable_from_epoch: int = option(-1, min=-1)  # -1 keeps the encoder frozen; 0 fine-tunes from the start
@@ -87,7 +83,7 @@ class TrainConfig:
     seed: int = option(0, min=0)
     checkpoint_every: int = option(1000, min=0)  # optimizer steps; 0 = only at epoch ends (always written there)
     log_every: int = option(1, min=1)            # TensorBoard scalars every this many steps
-    progress_seconds: float = option(30.0, min=0)  # stdout not a terminal: a progress line at most this often; 0 = every step
+    progress_seconds: float = option(30.0, min=0)  # stdout not a terminal: a line at most this often; 0 = every step
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "scst": ScstConfig}
@@ -136,6 +132,19 @@ def _parse_override(item: str) -> tuple[str, object]:
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word such as `model.decoder=lstm`
     return key.strip(), value
+
+
+def check_consistency(cfg: TrainConfig) -> None:
+    """Rules between keys, checked once the model config is final (init_from may replace it)."""
+    scst = cfg.scst
+    if cfg.objective != "scst":
+        return
+    if scst.baseline == "mean" and scst.samples < 2:
+        raise CapfastError(f"scst.samples={scst.samples}: the mean baseline needs at least 2 samples per image "
+                           f"(or use scst.baseline=\"greedy\")")
+    if scst.max_len >= cfg.model.max_positions:
+        raise CapfastError(f"scst.max_len must be below model.max_positions = {cfg.model.max_positions}, "
+                           f"got {scst.max_len}")
 
 
 def _build(values: dict) -> TrainConfig:

@@ -22,8 +22,8 @@ LAYOUT = {
         "train loss": ["train/loss"],
         "val CIDEr": ["val/CIDEr", "best/CIDEr"],
         "val BLEU-4": ["val/BLEU-4", "best/BLEU-4"],
-        # synthetic data only (capfast/attributes.py): does a caption name what the image shows?
-        "attributes named right": ["val/accuracy/colour", "val/accuracy/shape", "val/accuracy/position"],
+        # synthetic data only (capfast/eval/attributes.py): does a caption name what the image shows?
+        "attributes named right": ["val/accuracy/color", "val/accuracy/shape", "val/accuracy/position"],
     },
     "SCST": {  # objective = "scst" only
         "reward (CIDEr-D) and baseline": ["scst/reward", "scst/baseline"],

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from capfast import checkpoint
 from capfast.errors import CapfastError
-from capfast.models import ModelConfig
-from capfast.vocab import Vocab
+from capfast.models import ModelConfig, checkpoint
+from capfast.store.checks import check_same_vocabulary
+from capfast.store.vocab import Vocab
 
 
 def initial_weights(cfg, vocab: Vocab) -> dict | None:
@@ -18,8 +18,7 @@ def initial_weights(cfg, vocab: Vocab) -> dict | None:
     if not path.is_file():
         raise CapfastError(f"init_from checkpoint not found: {path}")
     state = checkpoint.load(path)
-    if list(state["vocab"]) != list(vocab.words):
-        raise CapfastError(f"init_from {path} was trained with a different vocabulary ({len(state['vocab'])} "
-                           f"words) than the data's vocab.json ({len(vocab)} words)")
+    check_same_vocabulary(f"init_from {path}", Vocab(tuple(state["vocab"])), "the data's vocab.json",
+                          vocab.fingerprint())
     cfg.model = ModelConfig.from_dict(state["model_config"])
     return state["model"]

@@ -3,8 +3,8 @@ from the StepLog), a Custom Scalars layout and an HParams entry, and console pro
 
 import collections
 
+from capfast.common.progress import Progress, format_eta
 from capfast.errors import CapfastError
-from capfast.progress import Progress, format_eta
 from capfast.train import dashboard
 
 WINDOW = 20  # recent steps behind the console's loss, img/s, data wait and ETA

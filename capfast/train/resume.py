@@ -5,8 +5,8 @@ the same model. Keys that would change what the checkpoint's position (epoch, ba
 refused. The keys listed as applied are applied, and the change is recorded (checkpoint, config.json) and printed:
 
   refused  model.* (architecture, BatchNorm mode), objective, scst.* (the sampler's draws), data.train_split,
-           data.image_size, data.batch_size, data.order, data.crop_scale, data.color_jitter, seed, optim.grad_accum, precision, encoder_trainable_from_epoch,
-           and the number of processes when resuming mid-epoch
+           data.image_size, data.batch_size, data.order, data.crop_scale, data.color_jitter, seed, optim.grad_accum,
+           precision, encoder_trainable_from_epoch, and the number of processes when resuming mid-epoch
   applied  epochs and max_steps (the cosine schedule is stretched from the current step on), optimizer settings
            (lr, encoder_lr, weight_decay, betas, warmup, clipping, label smoothing: set on the restored optimizer),
            eval.*, data.val_split, data.workers, data.os_cache, data.prefetch, logging, progress_seconds,

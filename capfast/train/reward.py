@@ -13,30 +13,26 @@ from pathlib import Path
 
 import numpy as np
 
-from capfast import schema
-from capfast.cider import CiderD, build_tables, encode_references
+from capfast.common.io import atomic_path
 from capfast.errors import CapfastError
-from capfast.io import atomic_path
-from capfast.vocab import Vocab
+from capfast.eval.cider import CiderD, build_tables, encode_references
+from capfast.store import schema
+from capfast.store.vocab import Vocab
 
 CACHE_VERSION = 1
 log = logging.getLogger(__name__)
-
-
-def cache_path(data_dir, split: str) -> Path:
-    return Path(data_dir) / f"cider_{split}.npz"
 
 
 def load_reward(data_dir, split: str, vocab: Vocab, *, write_cache: bool = True) -> CiderD:
     """CIDEr-D with the document frequencies of `split`'s references, from the cache when it is current."""
     refs_file = require_references(data_dir, split)
     key = _cache_key(refs_file, vocab)
-    cached = _read_cache(cache_path(data_dir, split), key)
+    cached = _read_cache(schema.cider_cache_path(data_dir, split), key)
     if cached is not None:
         return CiderD(cached)
     tables = tables_from_references(refs_file, vocab)
     if write_cache:
-        _write_cache(cache_path(data_dir, split), key, tables)
+        _write_cache(schema.cider_cache_path(data_dir, split), key, tables)
     return CiderD(tables)
 
 
@@ -49,8 +45,8 @@ def require_references(data_dir, split: str) -> Path:
 
 
 def tables_from_references(refs_file: Path, vocab: Vocab) -> dict:
-    from capfast.evaluate import load_references
-    from capfast.text import tokenize_batch
+    from capfast.store.references import load_references
+    from capfast.store.text import tokenize_batch
 
     references = load_references(refs_file)
     # One batch in file order, as pycocoevalcap's tokenizer sees a split (its lookahead crosses captions).

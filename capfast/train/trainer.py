@@ -17,17 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from capfast import checkpoint, schema
+from capfast.common import distributed
+from capfast.common.precision import autocast_context, resolve_precision
 from capfast.data import build_loader
 from capfast.errors import CapfastError
-from capfast.models import build_captioner
-from capfast.train import distributed, resume, scst
-from capfast.train.config import TrainConfig, to_dict
-from capfast.train.data_check import check_data_dir
+from capfast.models import build_captioner, checkpoint
+from capfast.store import schema
+from capfast.store.checks import check_data_dir, check_same_vocabulary
+from capfast.store.vocab import Vocab
+from capfast.train import resume, scst
+from capfast.train.config import TrainConfig, check_consistency, to_dict
 from capfast.train.init_from import initial_weights
 from capfast.train.monitor import Monitor
 from capfast.train.optim import apply_settings, build_optimizer, lr_factor, set_lr
-from capfast.train.precision import autocast_context, resolve_device, resolve_precision
 from capfast.train.step_log import StepLog
 
 
@@ -35,11 +37,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = False):
         self.cfg = cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self.device = resolve_device(cfg.device)
+        self.device, self.dist = distributed.setup(cfg.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
-        self.dist = distributed.init(self.device.type)
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -53,6 +53,7 @@ class Trainer:
         self.config_history = []   # every resume's changes: [{"step", "changes"}], kept in the checkpoints
 
         weights = initial_weights(cfg, self.vocab)  # init_from: also adopts that checkpoint's cfg.model
+        check_consistency(cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_captioner(cfg.model, vocab_size=len(self.vocab),
                                      load_encoder_weights=not resume and weights is None).to(self.device)
@@ -247,7 +248,7 @@ class Trainer:
         val_beton = schema.beton_path(self.data_dir, self.cfg.data.val_split)
         if not every or self.epoch % every or not val_beton.exists():
             return
-        from capfast.evaluate import evaluate_model
+        from capfast.eval.evaluate import evaluate_model
 
         if self.val_loader is None:  # built once: each new loader pays a numba compile
             self.val_loader = self._make_loader(self.cfg.data.val_split, train=False)
@@ -296,8 +297,8 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = checkpoint.load(path)
-        if state["vocab"] != list(self.vocab.words):
-            raise CapfastError(f"cannot resume from {path}: it was trained with a different vocabulary")
+        check_same_vocabulary(f"checkpoint {path}", Vocab(tuple(state["vocab"])), self.data_dir / schema.VOCAB_FILE,
+                              self.vocab.fingerprint())
         changes = resume.config_changes(state["train_config"], to_dict(self.cfg))
         resume.check_resumable(path, changes, state.get("world_size", 1), self.dist.world_size,
                                mid_epoch=state["batch_in_epoch"] > 0)

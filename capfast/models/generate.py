@@ -36,6 +36,11 @@ def constrain(logprobs: torch.Tensor, hyps: torch.Tensor, model, *, min_len: int
     return logprobs
 
 
+def check_beam_size(beam_size, what: str = "beam_size") -> None:
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        raise CapfastError(f"{what} must be at least 1, got {beam_size}")
+
+
 def check_lengths(max_len: int, min_len: int) -> None:
     if max_len < 1:
         raise CapfastError(f"max_len must be at least 1, got {max_len}")
@@ -88,8 +93,7 @@ def beam_search(model, images: torch.Tensor, *, beam_size: int = 3, max_len: int
     the end; finished ones stay in the beam. The returned logprob is the unnormalized sum.
     """
     check_lengths(max_len, min_len)
-    if beam_size < 1:
-        raise CapfastError(f"beam_size must be at least 1, got {beam_size}")
+    check_beam_size(beam_size)
     memory = model.encode(images)
     B, W, device = memory.shape[0], beam_size, memory.device
     rows = torch.arange(B, device=device)

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from capfast.errors import CapfastError
+from capfast.eval.cli_options import DEFAULT_BEAM, DEFAULT_MAX_LEN, generation_options
 
 
 def read_image(path: Path) -> torch.Tensor:
     """[3,H,W] uint8, upright RGB; raises CapfastError naming the file when it cannot be read."""
-    from capfast.images import BadImage, load_rgb
+    from capfast.pack.images import BadImage, load_rgb
 
     try:
         image = load_rgb(Path(path))
@@ -23,10 +24,10 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def caption_images(model, vocab, images: list[torch.Tensor], *, image_size: int, beam_size=3, max_len=20,
-                   batch_size=32, amp_dtype=None) -> list[str]:
+def caption_images(model, vocab, images: list[torch.Tensor], *, image_size: int, beam_size=DEFAULT_BEAM,
+                   max_len=DEFAULT_MAX_LEN, batch_size=32, amp_dtype=None) -> list[str]:
     from capfast.data import preprocess_images
-    from capfast.evaluate import caption_batch
+    from capfast.eval.evaluate import caption_batch
 
     device = next(model.parameters()).device
     captions = []
@@ -38,21 +39,15 @@ def caption_images(model, vocab, images: list[torch.Tensor], *, image_size: int,
 
 
 @click.command()
-@click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(path_type=Path),
-              help="A checkpoint written by `capfast train`.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--beam", "beam_size", default=3, show_default=True, help="Beam size; 1 = greedy.")
-@click.option("--max-len", default=20, show_default=True, help="Longest caption, in tokens.")
+@generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line: {file, caption}.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def command(checkpoint_path, images, beam_size, max_len, as_json, device):
+def command(images, checkpoint_path, beam_size, max_len, device, as_json):
     """Caption IMAGES. A file that cannot be read gets an error line; the others are still captioned,
     and the exit code is non-zero if any failed."""
-    from capfast.checkpoint import load_model
-    from capfast.train.precision import resolve_device
+    from capfast.common.precision import resolve_device
+    from capfast.models.checkpoint import load_model
 
-    if beam_size < 1:
-        raise CapfastError("--beam must be at least 1")
     model, vocab, state = load_model(checkpoint_path, resolve_device(device))
     readable, tensors, failed = [], [], 0
     for path in images:

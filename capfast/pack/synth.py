@@ -19,16 +19,15 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
+from capfast.common.progress import track
 from capfast.errors import CapfastError
-from capfast.text import tokenize
+from capfast.store import schema
+from capfast.store.schema import POSITIONS, SHAPES
+from capfast.store.text import tokenize
 
-SHAPES = ("circle", "square", "triangle")
-COLORS = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220),
-    "yellow": (240, 220, 30), "purple": (140, 40, 170), "orange": (250, 140, 20),
-}
+COLORS = dict(zip(schema.COLORS, ((220, 30, 30), (30, 170, 50), (30, 60, 220), (240, 220, 30), (140, 40, 170),
+                                   (250, 140, 20)), strict=True))  # the RGB of each colour word
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
-POSITIONS = ("left", "right", "top", "bottom", "center")
 PAIRED_POSITIONS = (("left", "right"), ("top", "bottom"))
 SIZES = {"small": 0.2, "large": 0.38}  # shape extent as a fraction of the shorter image side
 MAX_SHAPE_SIZE = 0.5  # two shapes side by side sit half the image apart: any larger and they may overlap
@@ -193,7 +192,7 @@ def jpeg_bytes(img: Image.Image) -> bytes:
 
 
 def scene_attributes(scene: Scene) -> dict:
-    """What an image shows, for scoring captions (capfast/attributes.py)."""
+    """What an image shows, for scoring captions (capfast/eval/attributes.py)."""
     return {"background": scene.background, "gradient_to": scene.gradient_to,
             "shapes": [asdict(shape) for shape in scene.shapes]}
 
@@ -205,7 +204,7 @@ def make_split(out: Path, split: str, image_ids: list[int], rng: random.Random, 
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations, records, attributes = [], [], [], {}
-    for image_id in image_ids:
+    for image_id in track(image_ids, len(image_ids), f"synth {split}", "img"):
         scene = random_scene(rng, side_range, square)
         file_name = f"COCO_{split}_{image_id:012d}.jpg"
         texture_seed = rng.getrandbits(64) if texture else None

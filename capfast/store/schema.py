@@ -5,15 +5,25 @@ A converted data directory holds, per split NAME:
                     ncaptions (how many rows of `captions` are real), image_id (COCO id)
   refs_NAME.json    {"image_id": [raw reference captions, untruncated]} for evaluation
   attributes_NAME.json  (only for `capfast synth` data) {"image_id": {background, gradient_to, shapes: [{kind,
-                    color, size, position}]}}: what each image shows, for attribute accuracy in `capfast eval`
+                    color, size, position}]}}: what each image shows, for attribute accuracy in `capfast eval`;
+                    kind, color and position take the SHAPES, COLORS and POSITIONS below
+  cider_NAME.npz    (written by SCST runs) the CIDEr-D reward's tables of refs_NAME.json, a cache
 and once for the directory:
-  vocab.json        the vocabulary (capfast.vocab.Vocab), built from the training split
+  vocab.json        the vocabulary (capfast.store.vocab.Vocab), built from the training split
   meta.json         {"format_version", "splits": {NAME: {source, settings, counts, skipped}}}
 """
 
+import re
 from pathlib import Path
 
 FORMAT_VERSION = 1
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+JPG_MODE = 0  # the RGBImageField mode of a JPEG record (ffcv's IMAGE_MODES["jpg"])
+
+# The scene words of `capfast synth` data: what attributes_NAME.json records and `capfast eval` parses captions for
+SHAPES = ("circle", "square", "triangle")
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
+POSITIONS = ("left", "right", "top", "bottom", "center")
 
 IMAGE = "image"
 CAPTIONS = "captions"
@@ -23,6 +33,13 @@ FIELD_NAMES = (IMAGE, CAPTIONS, NCAPTIONS, IMAGE_ID)
 
 VOCAB_FILE = "vocab.json"
 META_FILE = "meta.json"
+
+
+def split_name_problem(name) -> str | None:
+    """None for a valid split name (it becomes part of file names), else what a split name must be."""
+    if isinstance(name, str) and SPLIT_NAME.fullmatch(name):
+        return None
+    return "a split name (letters, digits, _ - .)"
 
 
 def beton_path(data_dir, split: str) -> Path:
@@ -35,6 +52,10 @@ def refs_path(data_dir, split: str) -> Path:
 
 def attributes_path(data_dir, split: str) -> Path:
     return Path(data_dir) / f"attributes_{split}.json"
+
+
+def cider_cache_path(data_dir, split: str) -> Path:
+    return Path(data_dir) / f"cider_{split}.npz"
 
 
 def beton_fields(captions_per_image: int, max_len: int, jpeg_quality: int = 90) -> dict:

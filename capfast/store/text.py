@@ -11,8 +11,8 @@ official numbers without Java:
 whole list, where Java's lookahead crosses into the next line ("the letter B." before "The ...", "No." before
 "5 ...") and the last caption meets end-of-file.
 
-Speed: plain ASCII words and numbers (most of COCO) skip the lexer; other space-separated chunks are lexed once and cached;
-lines where a token or a lookahead can span a space ("1 1/2", "<a b>", "A. The") are lexed whole.
+Speed: plain ASCII words and numbers (most of COCO) skip the lexer; other space-separated chunks are lexed once and
+cached; lines where a token or a lookahead can span a space ("1 1/2", "<a b>", "A. The") are lexed whole.
 
 Known differences: line separators inside a caption become spaces (pycocoevalcap would break the line there and
 misalign every later caption); letters/digits follow Python's Unicode tables, not Java 7's; Java's choice of

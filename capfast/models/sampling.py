@@ -1,14 +1,14 @@
 """Sampled captions for self-critical training: K per image drawn from the model, plus optionally its greedy one.
 
-All rows decode together as one batch through the Captioner's incremental `step` API (KV cache), the image
-encoded once and its cache rows repeated. Same conventions as capfast.decoding: tokens without bos, eos
+All rows are generated together as one batch through the Captioner's incremental `step` API (KV cache), the image
+encoded once and its cache rows repeated. Same conventions as capfast.models.generate: tokens without bos, eos
 included, pad after eos; pad and bos are never drawn, nor eos before min_len tokens.
 """
 
 import torch
 
-from capfast.decoding import check_lengths, constrain
 from capfast.errors import CapfastError
+from capfast.models.generate import check_lengths, constrain
 
 
 @torch.no_grad()

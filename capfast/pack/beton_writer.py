@@ -20,9 +20,9 @@ import functools
 import numpy as np
 
 from capfast.errors import CapfastError
+from capfast.store import schema
 
 MIN_PAGE_SIZE = 1 << 21  # ffcv.writer.MIN_PAGE_SIZE: ffcv refuses smaller pages
-JPG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"], a numba dict whose first lookup compiles for seconds
 LARGE_DATASET_PAGE_SIZE = 1 << 23  # ffcv's default page size, for datasets of LARGE_DATASET records or more
 LARGE_DATASET = 2000
 
@@ -46,7 +46,7 @@ def jpeg_field_class():
             jpeg, height, width = value
             data_ptr, storage = malloc(len(jpeg))
             storage[:] = np.frombuffer(jpeg, dtype=np.uint8)
-            destination[0] = (JPG_MODE, width, height, data_ptr)  # metadata_type's order, in one assignment
+            destination[0] = (schema.JPG_MODE, width, height, data_ptr)  # metadata_type's order, in one assignment
 
     return JpegField
 

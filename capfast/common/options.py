@@ -29,21 +29,30 @@ def ascending(values) -> str | None:
     return None if list(values) == sorted(values) else "(low, high) with low <= high"
 
 
-def build(cls, values: dict, prefix: str = "", unknown_key=None):
-    """cls(**values) after checking every key (given ones and defaults) against its field's type and rules."""
+def build(cls, values: dict, prefix: str = "", unknown_key=None, flags: bool = False):
+    """cls(**values) after checking every key (given ones and defaults) against its field's type and rules.
+    Errors name a key `prefix + name`, or with flags=True the command-line flag `--name-with-dashes`."""
+    def key(name: str) -> str:
+        return "--" + name.replace("_", "-") if flags else prefix + name
+
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in values:
         if name not in fields:
-            message = unknown_key(prefix + name) if unknown_key else f"unknown config key {prefix + name!r}"
+            message = unknown_key(key(name)) if unknown_key else f"unknown config key {key(name)!r}"
             raise CapfastError(message)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, f in fields.items():
         if name in values:
-            kwargs[name] = checked(prefix + name, hints[name], f, values[name])
+            kwargs[name] = checked(key(name), hints[name], f, values[name])
         elif "rules" in f.metadata:  # a default must satisfy its own rules too
-            checked(prefix + name, hints[name], f, f.default)
+            checked(key(name), hints[name], f, f.default)
     return cls(**kwargs)
+
+
+def default(cls, name: str):
+    """The default value of dataclass field `name` (for a command-line option that sets it)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def checked(key: str, hint, f: dataclasses.Field, value):

@@ -40,6 +40,18 @@ def init(device_type: str) -> DistInfo:
     return info
 
 
+def setup(device_name: str) -> tuple[torch.device, DistInfo]:
+    """This process's device (auto, cpu, cuda; under torchrun its local GPU) and its place in the process group,
+    which it joins."""
+    from capfast.common.precision import resolve_device
+
+    device = resolve_device(device_name)
+    info = init(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    return device, info
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from capfast.common.io import atomic_path
 from capfast.errors import CapfastError
-from capfast.io import atomic_path
 
 FORMAT = "capfast-checkpoint"
 VERSION = 1
@@ -40,7 +40,7 @@ def load(path: Path, map_location="cpu") -> dict:
 def load_model(path: Path, device="cpu"):
     """(model in eval mode on `device`, Vocab, checkpoint dict) for evaluation and captioning."""
     from capfast.models import ModelConfig, build_captioner
-    from capfast.vocab import Vocab
+    from capfast.store.vocab import Vocab
 
     state = load(path)
     vocab = Vocab(tuple(state["vocab"]))

@@ -10,6 +10,8 @@ DEFAULT_SECONDS = 30.0  # plain progress lines in logs: often enough to see a ru
 
 
 def is_main_process() -> bool:
+    if "torch.distributed" not in sys.modules:  # never imported: this process is in no process group
+        return True
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -67,14 +69,17 @@ class Progress:
             self.bar = None
 
 
-def track(items, total: int, desc: str, unit: str, every_seconds: float = DEFAULT_SECONDS):
-    """Yields `items`, showing rank 0's progress through them with an ETA."""
-    progress = Progress(total, desc=desc, unit=unit, every_seconds=every_seconds, enabled=is_main_process())
+def track(items, total: int, desc: str, unit: str, every_seconds: float = DEFAULT_SECONDS, enabled: bool = True):
+    """Yields `items`, showing rank 0's progress through them with their rate and an ETA: the progress rule of
+    every long command (a bar on a terminal, a plain line at most every `every_seconds` otherwise)."""
+    progress = Progress(total, desc=desc, unit=unit, every_seconds=every_seconds,
+                        enabled=enabled and is_main_process())
     start = time.monotonic()
     try:
         for n, item in enumerate(items, start=1):
             yield item
             elapsed = time.monotonic() - start
-            progress.update(n, f"ETA {format_eta(elapsed / n * (total - n))}")
+            rate = f"  {n / elapsed:,.1f} {unit}/s" if elapsed > 0 else ""
+            progress.update(n, f"ETA {format_eta(elapsed / n * (total - n))}{rate}")
     finally:
         progress.close()

@@ -1,6 +1,6 @@
-"""`capfast eval`: decode a split with a checkpoint and score it like the COCO caption server.
+"""`capfast eval`: generate captions for a split with a checkpoint and score them like the COCO caption server.
 
-Under torchrun each rank decodes its shard of the split; rank 0 gathers the captions and scores them.
+Under torchrun each rank captions its shard of the split; rank 0 gathers the captions and scores them.
 """
 
 import contextlib
@@ -11,8 +11,11 @@ from pathlib import Path
 import click
 import torch
 
-from capfast import progress, schema
-from capfast.errors import CapfastError
+from capfast.common import progress
+from capfast.eval.cli_options import DEFAULT_BEAM, DEFAULT_MAX_LEN, generation_options
+from capfast.store import schema
+from capfast.store.references import load_references
+
 
 @dataclass
 class Report:
@@ -23,8 +26,8 @@ class Report:
 
 
 @torch.inference_mode()
-def decode_split(model, loader, vocab, *, beam_size=3, max_len=20, max_images=0, amp_dtype=None,
-                 keep_samples=4, progress_seconds=progress.DEFAULT_SECONDS) -> Report:
+def generate_split(model, loader, vocab, *, beam_size=DEFAULT_BEAM, max_len=DEFAULT_MAX_LEN, max_images=0,
+                   amp_dtype=None, keep_samples=4, progress_seconds=progress.DEFAULT_SECONDS) -> Report:
     """This rank's captions for its shard of the loader's split; with max_images, this rank's share of them."""
     model.eval()
     report = Report()
@@ -55,23 +58,23 @@ def rank_share(max_images: int, rank: int, world_size: int) -> int:
 
 def caption_batch(model, images: torch.Tensor, vocab, beam_size: int, max_len: int, amp_dtype=None) -> list[str]:
     """One caption per image of a preprocessed batch."""
-    from capfast.decoding import generate
-    from capfast.train.precision import autocast_context
+    from capfast.common.precision import autocast_context
+    from capfast.models.generate import generate
 
     with autocast_context(images.device, amp_dtype):
         tokens, _ = generate(model, images, beam_size=beam_size, max_len=max_len)
     return [vocab.decode(row) for row in tokens.tolist()]
 
 
-def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_len=20, max_images=0,
-                   amp_dtype=None, ptb_java=False, meteor="auto", attributes_file=None, blind=False,
+def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=DEFAULT_BEAM, max_len=DEFAULT_MAX_LEN,
+                   max_images=0, amp_dtype=None, ptb_java=False, meteor="auto", attributes_file=None, blind=False,
                    progress_seconds=progress.DEFAULT_SECONDS) -> Report:
-    """Decodes on every rank, gathers on rank 0 and scores there (other ranks get empty metrics).
+    """Generates on every rank, gathers on rank 0 and scores there (other ranks get empty metrics).
 
-    attributes_file (attributes_SPLIT.json of `capfast synth` data): adds accuracy/colour, /shape, /position.
+    attributes_file (attributes_SPLIT.json of `capfast synth` data): adds accuracy/color, /shape, /position.
     blind=True adds the same metrics as "blind/..." for the same model shown a blank image instead of each
     image: what it says without looking, the chance level of every score."""
-    report = decode_split(model, loader, vocab, beam_size=beam_size, max_len=max_len,
+    report = generate_split(model, loader, vocab, beam_size=beam_size, max_len=max_len,
                           max_images=max_images, amp_dtype=amp_dtype, progress_seconds=progress_seconds)
     report.results = _gather_results(report.results)
     if report.results is None:
@@ -90,8 +93,8 @@ def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=3, max_le
 
 
 def _scores(results: dict, references: dict, attributes: dict | None, **score_options) -> dict:
-    from capfast.attributes import attribute_accuracy
-    from capfast.metrics import score
+    from capfast.eval.attributes import attribute_accuracy
+    from capfast.eval.metrics import score
 
     metrics = score(results, references, **score_options)
     if attributes:
@@ -102,7 +105,7 @@ def _scores(results: dict, references: dict, attributes: dict | None, **score_op
 def _load_attributes(path):
     if path is None or not Path(path).is_file():
         return None
-    from capfast.attributes import load_attributes
+    from capfast.eval.attributes import load_attributes
 
     return load_attributes(path)
 
@@ -110,18 +113,11 @@ def _load_attributes(path):
 @torch.inference_mode()
 def blind_caption(model, vocab, image_size: int, dtype, beam_size: int, max_len: int, amp_dtype=None) -> str:
     """The caption the model gives a blank image (all zeros after normalization: ImageNet's mean colour).
-    Decoding is per image, so every image blanked would get this same caption."""
+    Generation is per image, so every image blanked would get this same caption."""
     device = next(model.parameters()).device
     blank = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
     model.eval()
     return caption_batch(model, blank, vocab, beam_size, max_len, amp_dtype)[0]
-
-
-def load_references(refs_file: Path) -> dict[int, list[str]]:
-    from capfast.io import read_json
-
-    raw = read_json(refs_file, "reference captions (written by `capfast convert`)")
-    return {int(k): v for k, v in raw.items()}
 
 
 def _gather_results(results: dict):
@@ -150,54 +146,40 @@ def _denormalize(images: torch.Tensor) -> torch.Tensor:
 
 
 @click.command()
-@click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(path_type=Path),
-              help="A checkpoint written by `capfast train` (best.pt or last.pt).")
-@click.option("--data", "beton", required=True, type=click.Path(path_type=Path),
-              help="The split to score, e.g. data/coco/val.beton (refs_val.json must sit beside it).")
-@click.option("--beam", "beam_size", default=3, show_default=True, help="Beam size; 1 = greedy.")
-@click.option("--max-len", default=20, show_default=True, help="Longest generated caption, in tokens.")
-@click.option("--batch-size", default=64, show_default=True, help="Images per decoding batch (per process).")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory written by `capfast convert`, as for `capfast train`.")
+@click.option("--split", default="val", show_default=True,
+              help="The split to score: DATA/SPLIT.beton, with refs_SPLIT.json beside it.")
+@generation_options
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per generation step over all processes (split evenly, as for `capfast train`).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the metrics as one JSON object.")
 @click.option("--results", "results_out", type=click.Path(path_type=Path),
               help="Write the captions in COCO results format: [{image_id, caption}].")
 @click.option("--ptb-java", is_flag=True, help="Tokenize with the official Java PTBTokenizer (needs java).")
 @click.option("--meteor/--no-meteor", default=True, show_default=True,
               help="Score METEOR when `java` is on PATH (meteor-1.5.jar takes ~10 s to start).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--max-images", default=0, show_default=True, type=click.IntRange(min=0),
               help="Score only this many images (over all processes); 0 = the whole split.")
 @click.option("--blind/--no-blind", default=True, show_default=True,
               help="Also score the same model shown a blank image: the level it reaches without looking.")
-def command(checkpoint_path, beton, beam_size, max_len, batch_size, json_out, results_out, ptb_java, meteor, device,
-            max_images, blind):
+def command(data_dir, split, checkpoint_path, beam_size, max_len, device, batch_size, json_out, results_out,
+            ptb_java, meteor, max_images, blind):
     """Score a checkpoint on a converted split: BLEU-1..4, METEOR (when Java is present), ROUGE-L, CIDEr;
-    on `capfast synth` data also how often the caption names each shape's colour, kind and position right.
+    on `capfast synth` data also how often the caption names each shape's color, kind and position right.
     The "blind" column is the same model given a blank image instead of each image."""
-    from capfast.checkpoint import load_model
+    from capfast.common import distributed
     from capfast.data import build_loader
-    from capfast.train import distributed
-    from capfast.train.data_check import check_vocab_matches
-    from capfast.train.precision import resolve_device
-    from capfast.vocab import Vocab
+    from capfast.models.checkpoint import load_model
+    from capfast.store.checks import check_split_vocab, require_split
 
-    if beam_size < 1:
-        raise CapfastError("--beam must be at least 1")
-    device = resolve_device(device)
-    dist_info = distributed.init(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
+    device, dist_info = distributed.setup(device)
     try:
-        if not Path(beton).is_file():
-            raise CapfastError(f"data file not found: {beton}")
+        beton = require_split(data_dir, split)
         model, vocab, state = load_model(checkpoint_path, device)
-        data_dir, split = Path(beton).parent, Path(beton).stem
-        data_vocab_file = data_dir / schema.VOCAB_FILE
-        if data_vocab_file.exists() and Vocab.load(data_vocab_file).words != vocab.words:
-            raise CapfastError(f"{checkpoint_path} was trained with a different vocabulary than {data_vocab_file}")
-        if data_vocab_file.exists() and (data_dir / schema.META_FILE).exists():  # eval needs no meta.json
-            check_vocab_matches(data_dir, split, vocab)
-        loader = build_loader(beton, batch_size=batch_size, train=False, device=device,
-                              image_size=state["image_size"], distributed=dist_info.enabled)
+        check_split_vocab(data_dir, split, vocab, what=f"checkpoint {checkpoint_path}")
+        loader = build_loader(beton, batch_size=-(-batch_size // dist_info.world_size), train=False,
+                              device=device, image_size=state["image_size"], distributed=dist_info.enabled)
         report = evaluate_model(model, loader, vocab, schema.refs_path(data_dir, split), beam_size=beam_size,
                                 max_len=max_len, max_images=max_images, ptb_java=ptb_java,
                                 meteor="auto" if meteor else False,
@@ -209,8 +191,8 @@ def command(checkpoint_path, beton, beam_size, max_len, batch_size, json_out, re
 
 
 def _print_and_write(report: Report, json_out, results_out) -> None:
-    from capfast.io import atomic_write_text
-    from capfast.metrics import write_results
+    from capfast.common.io import atomic_write_text
+    from capfast.eval.metrics import write_results
 
     click.echo(f"{len(report.results)} images")
     blind = any(name.startswith("blind/") for name in report.metrics)

@@ -12,9 +12,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from capfast import schema
 from capfast.errors import CapfastError
-from capfast.vocab import Vocab
+from capfast.store import schema
+from capfast.store.vocab import Vocab
 
 EXPECTED_TYPES = {schema.IMAGE: "RGBImageField", schema.CAPTIONS: "NDArrayField",
                   schema.NCAPTIONS: "IntField", schema.IMAGE_ID: "IntField"}
@@ -23,7 +23,7 @@ STATS_CHUNK = 4096
 
 
 def check_beton(path):
-    """The parsed ffcv Reader of `path` if it is a beton as capfast/schema.py defines; CapfastError otherwise:
+    """The parsed ffcv Reader of `path` if it is a beton as capfast/store/schema.py defines; CapfastError otherwise:
     "beton not found", "not a beton", "missing field X", "written by an incompatible ... version"."""
     from ffcv.reader import Reader
 

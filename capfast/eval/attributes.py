@@ -13,32 +13,31 @@ every image and scores near chance: `capfast eval` reports that "blind" control 
 import itertools
 from pathlib import Path
 
-from capfast.synth import COLORS, SHAPES
-from capfast.text import tokenize
+from capfast.store.schema import COLORS, POSITIONS, SHAPES
+from capfast.store.text import tokenize
 
-ATTRIBUTES = ("colour", "shape", "position")
-POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "center": "center",
-                  "middle": "center"}
+ATTRIBUTES = ("color", "shape", "position")
+POSITION_WORDS = {**{position: position for position in POSITIONS}, "middle": "center"}
 
 
 def load_attributes(path: Path) -> dict[int, list[dict]]:
-    """{image id: [{"colour", "shape", "position"}, ...]} from an attributes JSON of `capfast synth`."""
-    from capfast.io import read_json
+    """{image id: [{"color", "shape", "position"}, ...]} from an attributes JSON of `capfast synth`."""
+    from capfast.common.io import read_json
 
     raw = read_json(Path(path), "image attributes (written by `capfast synth`)")
-    return {int(image_id): [{"colour": s["color"], "shape": s["kind"], "position": s["position"]}
+    return {int(image_id): [{"color": s["color"], "shape": s["kind"], "position": s["position"]}
                             for s in scene["shapes"]] for image_id, scene in raw.items()}
 
 
 def mentions(caption: str) -> list[dict]:
-    """The shapes a caption names, in order: [{"colour", "shape", "position" (None when not said)}]."""
+    """The shapes a caption names, in order: [{"color", "shape", "position" (None when not said)}]."""
     words = tokenize(caption)
     found = []
     for i, word in enumerate(words):
         if word in POSITION_WORDS and found and found[-1]["position"] is None:
             found[-1]["position"] = POSITION_WORDS[word]
         elif word in COLORS and i + 1 < len(words) and words[i + 1] in SHAPES:
-            found.append({"colour": word, "shape": words[i + 1], "position": None})
+            found.append({"color": word, "shape": words[i + 1], "position": None})
     return found
 
 
@@ -55,7 +54,7 @@ def image_correct(named: list[dict], truth: list[dict]) -> dict[str, bool]:
 
 
 def attribute_accuracy(results: dict[int, str], attributes: dict[int, list[dict]]) -> dict[str, float]:
-    """{"accuracy/colour": ..., "accuracy/shape": ..., "accuracy/position": ...} over the captioned images
+    """{"accuracy/color": ..., "accuracy/shape": ..., "accuracy/position": ...} over the captioned images
     that have attributes; {} when none has."""
     scored = [image_correct(mentions(caption), attributes[i]) for i, caption in results.items() if i in attributes]
     if not scored:

@@ -1,7 +1,7 @@
 """One dataset item -> what `capfast convert` stores for it: the per-item work of convert's worker processes.
 
 A worker tokenizes the item's captions and encodes them with the vocabulary, then decodes, normalizes, resizes
-and JPEG-encodes its image (capfast/images.py). An item without a usable caption or image comes back as the
+and JPEG-encodes its image (capfast/pack/images.py). An item without a usable caption or image comes back as the
 reason to skip it, so nothing bad reaches the beton.
 """
 
@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from capfast.images import BadImage, prepare_jpeg
-from capfast.text import tokenize
-from capfast.vocab import Vocab
+from capfast.pack.images import BadImage, prepare_jpeg
+from capfast.store.text import tokenize
+from capfast.store.vocab import Vocab
 
 NO_WORDS = "no caption contains a word"
 

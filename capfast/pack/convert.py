@@ -1,32 +1,33 @@
 """`capfast convert`: COCO / Karpathy / folder+JSONL captions -> OUT/NAME.beton + refs + vocab.json + meta.json.
 
-The output layout is defined in capfast/schema.py. One pass per split: worker processes turn each item into its
-stored values (capfast/records.py: captions tokenized and encoded; the image decoded, validated, normalized,
+The output layout is defined in capfast/store/schema.py. One pass per split: worker processes turn each item into its
+stored values (capfast/pack/records.py: captions tokenized and encoded; the image decoded, validated, normalized,
 resized and JPEG-encoded), and this process appends them, in image-id order, to a beton that becomes visible only
-when complete (capfast/beton_writer.py, capfast/io.py). So the output bytes do not depend on --workers, bad
+when complete (capfast/pack/beton_writer.py, capfast/common/io.py). So the output bytes do not depend on --workers, bad
 items never reach the beton, and nothing but the beton itself is written.
 """
 
 import collections
 import json
 import os
-import re
 import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
-from capfast import schema
-from capfast.beton_writer import BetonWriter, jpeg_field_class, page_size_for
+from capfast.common import options
+from capfast.common.io import atomic_file, atomic_write_text
+from capfast.common.options import option
+from capfast.common.progress import track
 from capfast.converters import Item, Problem, Source, read_coco, read_folder, read_karpathy
 from capfast.errors import CapfastError
-from capfast.io import atomic_file, atomic_write_text
-from capfast.pool import ordered_map
-from capfast.records import Record, RecordSettings, count_words, encode_item, init_worker, warm_up
-from capfast.vocab import Vocab
+from capfast.pack.beton_writer import BetonWriter, jpeg_field_class, page_size_for
+from capfast.pack.pool import ordered_map
+from capfast.pack.records import Record, RecordSettings, count_words, encode_item, init_worker, warm_up
+from capfast.store import schema
+from capfast.store.vocab import Vocab
 
 TRAIN = "train"
 SHOWN_PROBLEMS = 5
@@ -35,20 +36,15 @@ CAPTIONS_PER_COUNT_JOB = 256
 
 @dataclass(frozen=True)
 class Settings:
-    image_size: int = 256
-    keep_aspect: bool = False
-    quality: int = 90
-    max_len: int = 16
-    captions_per_image: int = 5
-    min_count: int = 5
+    """How the records of a split are made: the defaults and valid values of convert's options (errors name the
+    command-line flag)."""
 
-    def check(self) -> None:
-        for name, low, high in (("image_size", 8, 4096), ("quality", 1, 100), ("max_len", 1, 1000),
-                                ("captions_per_image", 1, 100), ("min_count", 1, None)):
-            value = getattr(self, name)
-            if value < low or (high is not None and value > high):
-                bound = f"between {low} and {high}" if high else f">= {low}"
-                raise CapfastError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+    image_size: int = option(256, min=8, max=4096)  # square side, or the longest side with keep_aspect
+    keep_aspect: bool = option(False)
+    quality: int = option(90, min=1, max=100)  # JPEG quality in the beton
+    max_len: int = option(16, min=1, max=1000)  # tokens kept per caption row
+    captions_per_image: int = option(5, min=1, max=100)  # caption rows per record; the rest stay in refs only
+    min_count: int = option(5, min=1)  # vocabulary: a word seen fewer times in train is <unk>
 
 
 def default_workers() -> int:
@@ -56,13 +52,12 @@ def default_workers() -> int:
 
 
 def convert(out, split: str | None = None, *, annotations=None, images=None, karpathy=None, folder=None,
-            captions=None, vocab=None, workers: int | None = None, overwrite: bool = False, min_count: int = 5,
-            max_len: int = 16, captions_per_image: int = 5, image_size: int = 256, keep_aspect: bool = False,
-            quality: int = 90, progress: bool = True) -> dict:
+            captions=None, vocab=None, workers: int | None = None, overwrite: bool = False, progress: bool = True,
+            **settings) -> dict:
     """Converts one input (COCO: annotations+images; Karpathy: karpathy+images; folder: folder+captions) and
-    returns {split: meta entry}. `split` may be a comma-separated list in Karpathy mode (default train,val,test)."""
-    settings = Settings(image_size, keep_aspect, quality, max_len, captions_per_image, min_count)
-    settings.check()
+    returns {split: meta entry}. `split` may be a comma-separated list in Karpathy mode (default train,val,test).
+    `settings`: the fields of Settings (image_size=..., min_count=...)."""
+    settings = options.build(Settings, settings, flags=True, unknown_key=lambda key: f"unknown setting {key!r}")
     workers = workers or default_workers()
     source = read_source(split, annotations, images, karpathy, folder, captions)
     warm_up()  # before any worker process is forked
@@ -117,8 +112,9 @@ def require(value, message: str) -> None:
 
 
 def check_split_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
-        raise CapfastError(f"invalid split name '{name}' (letters, digits, '_', '-', '.')")
+    problem = schema.split_name_problem(name)
+    if problem:
+        raise CapfastError(f"--split must be {problem}, got {name!r}")
     return name
 
 
@@ -210,11 +206,10 @@ def write_split_beton(beton: Path, items: list[Item], vocab: Vocab, settings: Se
     written = Written()
     try:
         with (closing(ordered_map(encode_item, jobs, workers, init_worker, (record_settings, vocab))) as records,
-              atomic_file(beton) as file,
-              tqdm(total=len(items), desc=beton.stem, unit="img", leave=False, disable=not progress) as bar):
+              atomic_file(beton) as file):
             writer = beton_writer(file, settings, len(items))
-            for item, record in zip(items, records):
-                bar.update()
+            for item, record in track(zip(items, records), len(items), f"convert {beton.stem}", "img",
+                                      enabled=progress):
                 if isinstance(record, Record):
                     writer.append(record.values(item.image_id))
                     written.items.append(item)
@@ -259,7 +254,7 @@ def describe(problem: Problem) -> str:
 def copy_attributes(out: Path, name: str, source: Source, refs: dict) -> None:
     """`capfast synth` records what each image shows beside its COCO captions file (captions_X.json ->
     attributes_X.json); the written images' entries go to OUT/attributes_NAME.json for `capfast eval`."""
-    from capfast.io import read_json
+    from capfast.common.io import read_json
 
     target = schema.attributes_path(out, name)
     annotations = Path(source.description.get("annotations", ""))
@@ -309,6 +304,15 @@ def update_meta(out: Path, name: str, entry: dict) -> None:
 
 # ---- CLI --------------------------------------------------------------------------------------------------
 
+def setting(name: str, help_text: str):
+    """The command-line option of Settings.NAME, with its default; options.build checks its value."""
+    value = options.default(Settings, name)
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return click.option(flag, name, is_flag=True, help=help_text)
+    return click.option(flag, name, type=int, default=value, show_default=True, help=help_text)
+
+
 @click.command()
 @click.option("--annotations", type=click.Path(path_type=Path), help="COCO captions JSON (needs --images).")
 @click.option("--images", type=click.Path(path_type=Path),
@@ -319,22 +323,16 @@ def update_meta(out: Path, name: str, entry: dict) -> None:
               help='JSONL: {"file": "x.jpg", "captions": [...]} or "caption": "..." per line.')
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output data directory.")
 @click.option("--split", help="Split name (required for COCO/folder; Karpathy: subset of train,val,test).")
-@click.option("--workers", type=int, default=None, help="Processes [default: all cores].")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT/SPLIT.beton.")
-@click.option("--min-count", type=int, default=5, show_default=True, help="Vocabulary: min word count in train.")
-@click.option("--max-len", type=int, default=16, show_default=True, help="Tokens kept per caption (truncate).")
-@click.option("--captions-per-image", type=int, default=5, show_default=True,
-              help="Caption rows per record; extras stay in refs only.")
 @click.option("--vocab", type=click.Path(path_type=Path), help="Reuse this vocab.json instead of building one.")
-@click.option("--image-size", type=int, default=256, show_default=True, help="Square side, or longest side.")
-@click.option("--keep-aspect", is_flag=True, help="Keep aspect ratio: longest side = --image-size.")
-@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality in the beton.")
-def command(annotations, images, karpathy, folder, captions, out, split, workers, overwrite, min_count, max_len,
-            captions_per_image, vocab, image_size, keep_aspect, quality):
+@setting("min_count", "Vocabulary: min word count in train.")
+@setting("max_len", "Tokens kept per caption (truncate).")
+@setting("captions_per_image", "Caption rows per record; extras stay in refs only.")
+@setting("image_size", "Square side, or longest side.")
+@setting("keep_aspect", "Keep aspect ratio: longest side = --image-size.")
+@setting("quality", "JPEG quality in the beton.")
+def command(annotations, images, karpathy, folder, captions, out, split, workers, overwrite, vocab, **settings):
     """Pack images and tokenized captions into OUT/SPLIT.beton (+ refs_SPLIT.json, vocab.json, meta.json)."""
-    if workers is not None and workers < 1:
-        raise CapfastError(f"--workers must be >= 1, got {workers}")
     convert(out, split, annotations=annotations, images=images, karpathy=karpathy, folder=folder,
-            captions=captions, vocab=vocab, workers=workers, overwrite=overwrite, min_count=min_count,
-            max_len=max_len, captions_per_image=captions_per_image, image_size=image_size,
-            keep_aspect=keep_aspect, quality=quality, progress=True)
+            captions=captions, vocab=vocab, workers=workers, overwrite=overwrite, progress=True, **settings)

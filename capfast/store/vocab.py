@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from capfast.common.io import atomic_write_text
 from capfast.errors import CapfastError
-from capfast.io import atomic_write_text
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)

@@ -1,0 +1,1 @@
+"""The converted data directory: what `capfast convert` writes and every reader reads."""
