@@ -144,13 +144,24 @@ def test_keyboard_interrupt_while_waiting_for_a_batch_stops_the_producer(produce
         handlers.append(signal.getsignal(signal.SIGINT))  # what the process does with it, should this fail
         os.kill(os.getpid(), signal.SIGINT)
 
-    with slow_batches(producer_loader, 1.0, at_batch=2, action=press_ctrl_c):
+    with slow_batches(producer_loader, 1.0, at_batch=2, action=press_ctrl_c), python_handles_sigint():
         batches = producer_loader.epoch(0)
         with pytest.raises(KeyboardInterrupt):
             for _ in batches:
                 pass
             pytest.fail(f"no KeyboardInterrupt; the SIGINT handler was {handlers}")
     assert threads_since(before) == []
+
+
+@contextlib.contextmanager
+def python_handles_sigint():
+    """Python's own Ctrl-C handler, as in a terminal: a process started in the background by a shell without job
+    control (`make test &`, some CI runners) inherits SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---- overlap ----------------------------------------------------------------------------------------------
