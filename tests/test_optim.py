@@ -13,7 +13,7 @@ def test_embeddings_norms_and_biases_do_not_decay(decoder):
     cfg = ModelConfig(encoder="resnet18", decoder=decoder, d_model=32, n_layers=1, n_heads=2, lstm_hidden=32,
                       attn_dim=32, embed_dim=32, max_positions=16)
     model = build_captioner(cfg, vocab_size=40)
-    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.05, lr=1e-3, encoder_lr=1e-4), fused=False)
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.05, lr=1e-3, encoder_lr=1e-4))
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert len(decay_of) == len(list(model.parameters()))  # every parameter in exactly one group

@@ -228,3 +228,4 @@ def test_nproc_launches_ddp_processes(converted, tmp_path, tb_scalars):
     slowest, rank0 = scalars["perf/data_wait_slowest_ms"], scalars["perf/data_wait_ms"]
     # the slowest rank's wait is all-reduced as float32, rank 0's own is a float64
     assert sorted(slowest) == [1, 2, 3, 4] and all(slowest[s] >= rank0[s] * (1 - 1e-6) for s in rank0)
+    assert sorted(scalars["perf/step_time_slowest_ms"]) == [1, 2, 3, 4]  # beside it, the slowest rank's step

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash never leaves a half-written output behind."""
+"""Atomic, durable file writes: a crash never leaves a half-written output behind, and a rename that returned
+survives a power cut (the file is fsynced before it, its directory after)."""
 
 import contextlib
 import json
@@ -19,10 +20,37 @@ def atomic_path(final: Path):
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs should get the usual permissions
     try:
         yield Path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, final)
+        fsync_path(final.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_path(path) -> None:
+    """fsync a file or a directory by name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_writable_dir(path: Path, what: str = "output directory") -> Path:
+    """Creates `path` if needed and proves it writable by writing a file there (permissions alone do not show a
+    read-only filesystem, nor anything to root); a one-line CapfastError otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CapfastError(f"cannot create {what} {path}: {e.strerror or e}") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise CapfastError(f"{what} {path} is not writable: {e.strerror or e}") from None
+    return path
 
 
 @contextlib.contextmanager

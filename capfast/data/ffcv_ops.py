@@ -24,6 +24,9 @@ from capfast.data import resize_cpu
 UINT8 = np.dtype("<u1")
 INT64 = np.dtype("<i8")
 NO_JITTER = -1.0  # a brightness factor below 0 tells resize_cpu to skip the colour jitter
+BFLOAT16_NAN_BITS = 0x7FC0
+# CropResizeDecoder's mark of an image that libjpeg-turbo could not decode: NaN as its first value, which a
+# normalized pixel never is (see undecodable()).
 DECODES_PER_CHUNK = 16  # CropResizeDecoder: images decoded back to back before they are resized (3 MB at 256²)
 
 
@@ -110,6 +113,7 @@ class CropResizeDecoder(Operation):
         shift, scale, size = self.shift, self.scale, self.size
 
         chunk = DECODES_PER_CHUNK
+        failed_mark = self.dtype.type(BFLOAT16_NAN_BITS if self.dtype == np.int16 else np.nan)
 
         def decode(batch_indices, memory, metadata, storage_state):
             out, scratch, boxes, factors = memory
@@ -118,12 +122,16 @@ class CropResizeDecoder(Operation):
                 # Decode a chunk of images, then resize them: code that runs right after a libjpeg-turbo decode
                 # runs slower for a while (~0.1 ms of a 0.35 ms resize here), so alternating costs more.
                 first, end = c * chunk, min(n, (c + 1) * chunk)
+                decoded = np.ones(end - first, np.bool_)
                 for i in range(first, end):
                     field = metadata[batch_indices[i]]
                     data = mem_read(field["data_ptr"], storage_state)
                     h, w = np.uint32(field["height"]), np.uint32(field["width"])
-                    decode_c(data, scratch[i], h, w, h, w, 0, 0, 1, 1, False, False)
+                    decoded[i - first] = decode_c(data, scratch[i], h, w, h, w, 0, 0, 1, 1, False, False) == 0
                 for i in range(first, end):
+                    if not decoded[i - first]:
+                        out[i].reshape(-1)[0] = failed_mark
+                        continue
                     field = metadata[batch_indices[i]]
                     h, w = np.uint32(field["height"]), np.uint32(field["width"])
                     image = scratch[i][: h * w * 3].reshape(h, w * 3)
@@ -132,6 +140,15 @@ class CropResizeDecoder(Operation):
 
         decode.is_parallel = True
         return decode
+
+
+def undecodable(images) -> "np.ndarray":
+    """Positions in a CropResizeDecoder batch (a torch tensor [B, S, S, 3]) of the images it could not decode."""
+    import torch
+
+    first = images.reshape(len(images), -1)[:, 0]
+    failed = first == BFLOAT16_NAN_BITS if first.dtype == torch.int16 else torch.isnan(first)
+    return torch.nonzero(failed).flatten().numpy()
 
 
 class StageBuffers:

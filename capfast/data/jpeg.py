@@ -39,3 +39,18 @@ def decode_jpegs(encoded: list[torch.Tensor], device) -> list[torch.Tensor]:
                 return [decode(data, device=device) for data in encoded]
         from torchvision.io import ImageReadMode
         return decode(encoded, mode=ImageReadMode.RGB, device=device)
+
+
+def first_undecodable(jpegs: list[torch.Tensor]) -> int:
+    """The position of the first of `jpegs` (uint8 tensors) that torchvision cannot decode on the CPU, after a
+    batched decode failed: the batch's error names no image."""
+    from torchvision.io import decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, data in enumerate(jpegs):
+            try:
+                decode_jpeg(data.cpu())
+            except RuntimeError:
+                return i
+    return 0

@@ -67,12 +67,13 @@ class LoaderSettings:
 def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.float32, image_size=224,
                  num_workers=None, seed=0, distributed=False, order="random", os_cache=True,
                  crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.0,
-                 prefetch=DEFAULT_PREFETCH) -> "CaptionLoader":
+                 prefetch=DEFAULT_PREFETCH, vocab_size: int | None = None) -> "CaptionLoader":
     """A loader over `beton` (written by `capfast convert`). train=True: seeded shuffled order that changes every
     epoch, full batches only, random resized crops (+ optional colour jitter). train=False: file order, every
     record exactly once (over all ranks when distributed), each whole image resized to image_size.
     prefetch: batches a producer thread prepares ahead of the consumer (0: none, all work on the consumer's
-    thread); the batches are the same either way."""
+    thread); the batches are the same either way. vocab_size: every caption token id must be below it (checked
+    once, here: a one-line error naming the record, not an IndexError at step 1)."""
     device = checks.device(device)
     settings = LoaderSettings(
         batch_size=checks.positive_int(batch_size, "batch size"), train=bool(train), device=device,
@@ -81,7 +82,12 @@ def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.fl
         os_cache=bool(os_cache), crop_scale=checks.interval(crop_scale, "crop scale", 1.0),
         crop_ratio=checks.interval(crop_ratio, "crop ratio", None), color_jitter=checks.jitter(color_jitter),
         decode="batched" if device.type == "cuda" else "stage", prefetch=checks.prefetch(prefetch))
-    return CaptionLoader(beton, settings, checks.shard(distributed))
+    loader = CaptionLoader(beton, settings, checks.shard(distributed))
+    if vocab_size is not None:
+        from capfast.store.beton import BetonContents, check_token_ids
+
+        check_token_ids(BetonContents(beton), vocab_size)
+    return loader
 
 
 class CaptionLoader:
@@ -234,11 +240,22 @@ class CaptionLoader:
     def _cpu_batch(self, raw, epoch: int, b: int) -> Batch:
         out = dict(zip(self._ffcv.pipeline_specs, raw))
         if self.settings.decode == "stage":  # cropped, resized and normalized in ffcv's stage already
+            from capfast.data.ffcv_ops import undecodable
+
+            failed = undecodable(out[schema.IMAGE])
+            if len(failed):
+                self._undecodable(epoch, b, int(failed[0]), out, "libjpeg-turbo could not decode it")
             return Batch(self._stage_images(out[schema.IMAGE]), *self._labels(out))
         boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
         with single_torch_thread():
-            images = self._images(out, boxes, factors)
+            images = self._images(out, boxes, factors, epoch, b)
         return Batch(images, *self._labels(out))
+
+    def _undecodable(self, epoch: int, b: int, i: int, out: dict, why: str):
+        record = int(self.rank_order(epoch)[b * self.settings.batch_size + i])
+        image_id = int(out[schema.IMAGE_ID].view(-1)[i])
+        raise CapfastError(f"{self.beton}: record {record} (image {image_id}) is not a valid JPEG: {why}; "
+                           f"convert the split again")
 
     def _stage_images(self, images: torch.Tensor) -> torch.Tensor:
         """CropResizeDecoder's [B, S, S, 3] output as the model's [B, 3, S, S] channels_last input."""
@@ -264,25 +281,29 @@ class CaptionLoader:
         boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
         with _CUDA_ENQUEUE, self._stream_context():
             _wait_idle(self._stream)
-            images = self._images(out, boxes, factors)  # the decode first, while the stream is idle
+            images = self._images(out, boxes, factors, epoch, b)  # the decode first, while the stream is idle
             labels = self._labels(out)
             ready = torch.cuda.Event()
             ready.record(self._stream)
         return Batch(images, *labels), ready
 
-    def _images(self, out: dict, boxes, factors) -> torch.Tensor:
+    def _images(self, out: dict, boxes, factors, epoch: int, b: int) -> torch.Tensor:
         """The batch's model input from the JPEG bytes (nvJPEG on CUDA)."""
-        return self._finish_images(self._decoded_jpegs(out), boxes, factors)
+        return self._finish_images(self._decoded_jpegs(out, epoch, b), boxes, factors)
 
-    def _decoded_jpegs(self, out: dict) -> torch.Tensor:
+    def _decoded_jpegs(self, out: dict, epoch: int, b: int) -> torch.Tensor:
         """uint8 [B, 3, H_max, W_max]: one decode_jpegs call on the batch's JPEGs, which JpegBytesDecoder stored
         back to back, so one torch.split cuts them apart."""
-        from capfast.data.jpeg import decode_jpegs
+        from capfast.data.jpeg import decode_jpegs, first_undecodable
 
         info = out[IMAGE_INFO]
         nbytes = info[:, 2]
         packed = out[schema.IMAGE].view(-1)[:int(nbytes.sum())]
-        decoded = decode_jpegs(list(torch.split(packed, nbytes.tolist())), self.settings.device)
+        jpegs = list(torch.split(packed, nbytes.tolist()))
+        try:
+            decoded = decode_jpegs(jpegs, self.settings.device)
+        except RuntimeError as error:  # nvJPEG and torchvision raise for the whole batch
+            self._undecodable(epoch, b, first_undecodable(jpegs), out, str(error).splitlines()[0])
         sizes = info[:, :2]
         if bool((sizes == sizes[0]).all()):
             return torch.stack(decoded)

@@ -179,7 +179,8 @@ def command(data_dir, split, checkpoint_path, beam_size, max_len, device, batch_
         model, vocab, state = load_model(checkpoint_path, device)
         check_split_vocab(data_dir, split, vocab, what=f"checkpoint {checkpoint_path}")
         loader = build_loader(beton, batch_size=-(-batch_size // dist_info.world_size), train=False,
-                              device=device, image_size=state["image_size"], distributed=dist_info.enabled)
+                              device=device, image_size=state["image_size"], distributed=dist_info.enabled,
+                              vocab_size=len(vocab))
         report = evaluate_model(model, loader, vocab, schema.refs_path(data_dir, split), beam_size=beam_size,
                                 max_len=max_len, max_images=max_images, ptb_java=ptb_java,
                                 meteor="auto" if meteor else False,

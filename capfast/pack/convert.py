@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from capfast.common import options
-from capfast.common.io import atomic_file, atomic_write_text
+from capfast.common.io import atomic_file, atomic_write_text, ensure_writable_dir
 from capfast.common.options import option
 from capfast.common.progress import track
 from capfast.converters import Item, Problem, Source, read_coco, read_folder, read_karpathy
@@ -66,7 +66,7 @@ def convert(out, split: str | None = None, *, annotations=None, images=None, kar
         if schema.beton_path(out, name).exists() and not overwrite:
             raise CapfastError(f"{schema.beton_path(out, name)} already exists (pass --overwrite to replace it)")
     words, vocab_is_new = resolve_vocab(out, source, vocab, settings.min_count, karpathy is not None, workers)
-    prepare_out_dir(out)
+    ensure_writable_dir(out)
     import ffcv.fields  # noqa: F401  (seconds of numba compilation; paid before the per-split timing starts)
 
     results = {}
@@ -116,15 +116,6 @@ def check_split_name(name: str) -> str:
     if problem:
         raise CapfastError(f"--split must be {problem}, got {name!r}")
     return name
-
-
-def prepare_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CapfastError(f"cannot create output directory {out}: {e.strerror or e}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise CapfastError(f"output directory is not writable: {out}")
 
 
 # ---- vocabulary -------------------------------------------------------------------------------------------

@@ -6,11 +6,9 @@ CapfastError instead of a hang; workers die with their parent, so kill -9 of con
 Ctrl-C reaches only the parent, which then stops the workers.
 """
 
-import ctypes
 import multiprocessing
 import os
 import signal
-import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,11 +17,11 @@ from itertools import islice
 
 import cv2
 
+from capfast.common.signals import die_with_parent
 from capfast.errors import CapfastError
 
 CHUNKS_AHEAD_PER_WORKER = 4
 MAX_CHUNK = 16
-PR_SET_PDEATHSIG = 1
 
 
 def ordered_map(fn, items, workers: int, initializer=None, initargs=(), chunk_size: int | None = None):
@@ -100,8 +98,6 @@ def _init_worker(parent: int, initializer, initargs) -> None:
 
 
 def die_with(parent: int) -> None:
-    """Linux: the kernel kills this process when its parent dies, even by kill -9."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
     if os.getppid() != parent:  # the parent died before the request was in place
         os._exit(1)

@@ -4,8 +4,11 @@ Reusable API:
   check_beton(path) -> ffcv.reader.Reader   raises CapfastError unless `path` is a capfast beton
   describe_beton(path) -> dict              records, fields, vocab size, caption/image statistics, examples
   BetonContents(path)                       random access to raw records without ffcv's Loader (no JIT)
+  check_token_ids, check_jpeg_markers       every record's token ids in the vocabulary, every image a whole JPEG
+  data_fingerprint(path) -> dict            records, bytes and a hash: what a resumed run checks is unchanged
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,6 +23,8 @@ EXPECTED_TYPES = {schema.IMAGE: "RGBImageField", schema.CAPTIONS: "NDArrayField"
                   schema.NCAPTIONS: "IntField", schema.IMAGE_ID: "IntField"}
 INCOMPATIBLE = "written by an incompatible capfast convert version"
 STATS_CHUNK = 4096
+JPEG_START, JPEG_END = np.array([0xFF, 0xD8], np.uint8), np.array([0xFF, 0xD9], np.uint8)
+FINGERPRINT_BYTES = 1 << 20
 
 
 def check_beton(path):
@@ -152,11 +157,56 @@ def load_vocab_beside(path: Path) -> Vocab | None:
     return Vocab.load(vocab_path) if vocab_path.exists() else None
 
 
+def check_token_ids(contents: BetonContents, vocab_size: int) -> None:
+    """Every caption token id of the beton is a word of a vocabulary of `vocab_size`: a one-line CapfastError
+    naming the first record with one outside it (an id past the end would index past the model's embedding)."""
+    for start in range(0, len(contents), STATS_CHUNK):
+        indices = np.arange(start, min(start + STATS_CHUNK, len(contents)))
+        rows = contents.captions_of(indices).reshape(len(indices), -1)
+        bad = np.flatnonzero(((rows < 0) | (rows >= vocab_size)).any(axis=1))
+        if len(bad):
+            i = int(indices[bad[0]])
+            token = int(rows[bad[0]][(rows[bad[0]] < 0) | (rows[bad[0]] >= vocab_size)][0])
+            raise CapfastError(f"{contents.path}: record {i} (image {int(contents.image_ids[i])}) holds token id "
+                               f"{token}, outside the vocabulary of {vocab_size} words; convert it again")
+
+
+def check_jpeg_markers(contents: BetonContents) -> None:
+    """Every stored image starts like a JPEG (SOI) and ends like one (EOI): cheap enough for every record, and it
+    finds bytes zeroed or cut short. A JPEG damaged inside is an error when it is decoded."""
+    ptrs = contents.image_meta["data_ptr"].astype(np.int64)
+    sizes = contents.image_nbytes()
+    heads = contents.data[ptrs[:, None] + np.arange(2)]
+    tails = contents.data[ptrs[:, None] + sizes[:, None] - 2 + np.arange(2)]
+    ok = (heads == JPEG_START).all(axis=1) & (tails == JPEG_END).all(axis=1) & (sizes >= 4)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise CapfastError(f"{contents.path}: record {i} (image {int(contents.image_ids[i])}) is not a complete "
+                           f"JPEG ({int(sizes[i])} bytes without its start or end marker); convert it again")
+
+
+def data_fingerprint(path) -> dict:
+    """What identifies a beton's contents cheaply: records, bytes, and a hash of its first and last MiB (the
+    header, the field descriptors, the first records, the allocation table)."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        f.seek(max(0, size - FINGERPRINT_BYTES))
+        digest.update(f.read(FINGERPRINT_BYTES))
+    return {"records": int(check_beton(path).num_samples), "bytes": size, "sha256_ends": digest.hexdigest()}
+
+
 def describe_beton(path, examples: int = 3) -> dict:
-    """Summary of a capfast beton as a JSON-serializable dict (raises CapfastError if it is not one)."""
+    """Summary of a capfast beton as a JSON-serializable dict (raises CapfastError if it is not one, or if a
+    record holds a token id outside vocab.json or an image that is not a complete JPEG)."""
     path = Path(path)
     contents = BetonContents(path)
     vocab = load_vocab_beside(path)
+    if vocab is not None:
+        check_token_ids(contents, len(vocab))
+    check_jpeg_markers(contents)
     k, row_len = contents.caption_shape
     shown = np.linspace(0, len(contents) - 1, num=min(examples, len(contents))).round().astype(int)
     return {

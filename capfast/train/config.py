@@ -9,6 +9,7 @@ import tomllib
 
 from capfast.common.options import ascending, build, option
 from capfast.common.precision import DEVICES, DTYPES
+from capfast.common.signals import DEFAULT_STOP_SIGNALS, signals_problem
 from capfast.data.order import ORDERS
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig
@@ -84,6 +85,11 @@ class TrainConfig:
     checkpoint_every: int = option(1000, min=0)  # optimizer steps; 0 = only at epoch ends (always written there)
     log_every: int = option(1, min=1)            # TensorBoard scalars every this many steps
     progress_seconds: float = option(30.0, min=0)  # stdout not a terminal: a line at most this often; 0 = every step
+    # faults (README, "Faults and restarts"):
+    keep_last: int = option(2, min=1)            # checkpoints kept in OUT/checkpoints/ (last.pt is the newest)
+    stop_signals: str = option(DEFAULT_STOP_SIGNALS, check=signals_problem)  # stop at a step boundary, save, exit 75
+    dist_timeout_s: float = option(600.0, above=0)  # a rank with no step done for this long ends the job, named
+    nonfinite_skips: int = option(0, min=0)      # non-finite steps in a row skipped (weights kept) before stopping
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "scst": ScstConfig}

@@ -11,7 +11,7 @@ import re
 LAYOUT = {
     "Throughput": {
         "images/s (all ranks)": ["perf/images_per_sec"],
-        "step time (ms)": ["perf/step_time_ms"],
+        "step time (ms)": ["perf/step_time_ms", "perf/step_time_slowest_ms"],
     },
     "Data wait": {
         "data wait (ms)": ["perf/data_wait_ms", "perf/data_wait_slowest_ms"],

@@ -24,7 +24,9 @@ def step_scalars(record: dict) -> dict:
     if "data_wait_slowest" in record:  # DDP: the straggler decides when the step's all-reduce completes
         slowest = record["data_wait_slowest"]
         values.update({"perf/data_wait_slowest_ms": slowest * 1e3,
-                       "perf/data_wait_slowest_pct": data_wait_pct(slowest, step_time)})
+                       "perf/data_wait_slowest_pct": data_wait_pct(slowest, step_time),
+                       # each rank's latest measured step, a step or two old: the slowest rank's
+                       "perf/step_time_slowest_ms": record["step_time_slowest"] * 1e3})
     if record.get("ready_batches") is not None:
         values["perf/ready_batches"] = record["ready_batches"]
     if record.get("gpu_mem_gb") is not None:

@@ -11,8 +11,9 @@ from capfast.train.config import OptimConfig
 NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:
-    """Encoder parameters get `encoder_lr`; biases and the parameters of embeddings and norms get no weight decay."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Encoder parameters get `encoder_lr`; biases and the parameters of embeddings and norms get no weight decay.
+    Fused (CUDA and CPU): one kernel per step, which also skips a step on the device when its `found_inf` says so."""
     no_decay_ids = no_decay_parameter_ids(model)
     groups = {}
     for name, param in model.named_parameters():
@@ -23,7 +24,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> to
                     for (is_encoder, no_decay), params in sorted(groups.items())]
     # The decoder's groups come first so that param_groups[0]["lr"] is the headline learning rate.
     param_groups.sort(key=lambda g: g["encoder"])
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
     apply_settings(optimizer, cfg)
     return optimizer
 

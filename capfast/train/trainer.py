@@ -3,47 +3,62 @@
 A step: the loader yields a batch already decoded, augmented and normalized on the device; the encoder runs
 once per image and the decoder on all K captions; the loss is normalized by the global token count so that
 N ranks × B/N images give the same gradient as 1 rank × B images.
+
+Faults (README, "Faults and restarts"): a stop signal ends the run at a step every rank agrees on, after
+saving (watch.py); a non-finite step is skipped on the device and, past `nonfinite_skips`, ends the run without
+a checkpoint (watch.py); a rank without a step for `dist_timeout_s` ends the job naming the ranks behind
+(stall.py); checkpoints are verified, rotated and hold every rank's RNG and the data's fingerprint (run_dir.py).
 """
 
 import contextlib
 import itertools
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from capfast.common import distributed
 from capfast.common.precision import autocast_context, resolve_precision
 from capfast.data import build_loader
 from capfast.errors import CapfastError
-from capfast.models import build_captioner, checkpoint
+from capfast.models import build_captioner
+from capfast.models.checkpoint import check_finite
 from capfast.store import schema
-from capfast.store.checks import check_data_dir, check_same_vocabulary
+from capfast.store.beton import data_fingerprint
+from capfast.store.checks import check_data_dir, check_same_vocabulary, require_split
 from capfast.store.vocab import Vocab
-from capfast.train import resume, scst
+from capfast.train import resume, rng, scst, stall
 from capfast.train.config import TrainConfig, check_consistency, to_dict
 from capfast.train.init_from import initial_weights
 from capfast.train.monitor import Monitor
 from capfast.train.optim import apply_settings, build_optimizer, lr_factor, set_lr
+from capfast.train.run_dir import RunDir
 from capfast.train.step_log import StepLog
+from capfast.train.watch import StepWatch
+
+STALL_MARGIN_S = 60  # the process group's timeout exceeds dist_timeout_s, so that StallWatch speaks first
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = False, stop=None):
         self.cfg = cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
-        self.device, self.dist = distributed.setup(cfg.device)
+        self.stop = stop  # a capfast.common.signals.StopRequest, or None
+        self.device, self.dist = distributed.setup(cfg.device, timeout_s=cfg.dist_timeout_s + STALL_MARGIN_S)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.vocab = check_data_dir(self.data_dir, cfg.data.train_split)
+        self._check_validation_data()
         if cfg.data.batch_size % self.dist.world_size:
             raise CapfastError(f"data.batch_size={cfg.data.batch_size} does not split evenly over "
                                f"{self.dist.world_size} processes")
@@ -62,7 +77,7 @@ class Trainer:
         self.scst = scst.build(cfg, self.data_dir, self.vocab, self.dist, self.amp_dtype)  # None for "xe"
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.train_loader = self._make_loader(cfg.data.train_split, train=True)
         self.steps_per_epoch = len(self.train_loader) // cfg.optim.grad_accum
@@ -75,14 +90,37 @@ class Trainer:
         random.seed(cfg.seed + self.dist.rank)
         np.random.seed(cfg.seed + self.dist.rank)
         torch.manual_seed(cfg.seed + 1 + self.dist.rank)  # dropout differs per rank, as it should
+        self.run_dir = RunDir(self.out_dir, cfg.keep_last)
+        self.data = data_fingerprint(schema.beton_path(self.data_dir, cfg.data.train_split))
+        self.saved_rngs = None
         if resume:
-            self._restore(self.out_dir / "last.pt")
+            self._restore()
         self.encoder_trainable = None
+        self.batch_statistics = []  # BatchNorm buffers a step updates (set with the encoder's trainability)
         self.train_model = None
         self.val_loader = None
         self.step_log = StepLog(self.device)
+        self.watch = StepWatch(self.step_log.depth if self.dist.enabled else 0, cfg.nonfinite_skips)
+        self.stall = stall.StallWatch(self.dist.rank, self.dist.world_size, cfg.dist_timeout_s) \
+            if self.dist.enabled and stall.available() else None
+        self.last_step_time = 0.0
+        self.stopped = False
 
     # ---- setup helpers -------------------------------------------------------------------------------
+
+    def _check_validation_data(self) -> None:
+        """Validation asked for (eval.every_epochs > 0) needs its split and references: refused up front."""
+        split = self.cfg.data.val_split
+        if not self.cfg.eval.every_epochs:
+            return
+        try:
+            require_split(self.data_dir, split)
+        except CapfastError as e:
+            raise CapfastError(f"data.val_split: {e} (or set eval.every_epochs=0 to train without validation)") \
+                from None
+        if not schema.refs_path(self.data_dir, split).is_file():
+            raise CapfastError(f"data.val_split: {schema.refs_path(self.data_dir, split)} not found (`capfast "
+                               f"convert` writes it beside {split}.beton)")
 
     def _make_loader(self, split: str, train: bool):
         beton = schema.beton_path(self.data_dir, split)
@@ -94,7 +132,7 @@ class Trainer:
             num_workers=workers, seed=self.cfg.seed, distributed=self.dist.enabled,
             order=self.cfg.data.order if train else "sequential", os_cache=self.cfg.data.os_cache,
             crop_scale=self.cfg.data.crop_scale, color_jitter=self.cfg.data.color_jitter if train else 0.0,
-            prefetch=self.cfg.data.prefetch)
+            prefetch=self.cfg.data.prefetch, vocab_size=len(self.vocab))
 
     def _set_encoder_trainable(self, epoch: int) -> None:
         """Freezes or unfreezes the encoder for this epoch; (re)wraps DDP/compile when that changes."""
@@ -105,6 +143,8 @@ class Trainer:
         if trainable == self.encoder_trainable:
             return
         self.encoder_trainable = trainable
+        self.batch_statistics = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                                 and m.training and m.track_running_stats for b in m.buffers(recurse=False)]
         model = self.model
         if self.dist.enabled:
             # DDP registers only parameters that require grad, so a change of trainability needs a new wrapper.
@@ -121,15 +161,21 @@ class Trainer:
             while self.epoch < self.cfg.epochs and not self._done():
                 self._set_encoder_trainable(self.epoch)
                 self._train_epoch(monitor)
-                if self.batch_in_epoch < self.steps_per_epoch * self.cfg.optim.grad_accum:
-                    break  # stopped by max_steps mid-epoch: last.pt already records where to resume
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                finished = self.batch_in_epoch >= self.steps_per_epoch * self.cfg.optim.grad_accum
+                if finished:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self.stopped = self.watch.stopping(self.step, drained=True)
+                if finished or self.stopped:
+                    self._save()  # the epoch's checkpoint comes before its validation
+                if self.stopped or not finished:
+                    break  # a stop request, or max_steps mid-epoch (last.pt records where to resume)
                 self._validate_if_due(monitor)
-                self._save("last.pt")
             succeeded = True
         finally:
             monitor.close(succeeded)
-        return {"step": self.step, "epoch": self.epoch, "best_cider": self.best_cider}
+            if self.stall is not None:
+                self.stall.close()
+        return {"step": self.step, "epoch": self.epoch, "best_cider": self.best_cider, "stopped": self.stopped}
 
     def _done(self) -> bool:
         return self.step >= self.stop_step
@@ -138,10 +184,13 @@ class Trainer:
         accum = self.cfg.optim.grad_accum
         steps = self.steps_per_epoch - self.batch_in_epoch // accum  # batch_in_epoch counts whole steps
         epoch = self.train_loader.epoch(self.epoch, skip_batches=self.batch_in_epoch)
-        with contextlib.closing(epoch):
+        with contextlib.closing(epoch), self._watched_for_stalls():
             self._run_steps(epoch, steps, monitor)
-        monitor.steps(self.step_log.drain())
+        self._read_records(self.step_log.drain(), monitor, drained=True)
         monitor.epoch_done(self.epoch)
+
+    def _watched_for_stalls(self):
+        return self.stall.armed_while_training() if self.stall is not None else contextlib.nullcontext()
 
     def _run_steps(self, batches, steps: int, monitor: Monitor) -> None:
         """Up to `steps` optimizer steps on the iterator `batches`. Nothing here waits for the GPU but the
@@ -158,24 +207,31 @@ class Trainer:
             stats = self._optimizer_step(micro)
             self.batch_in_epoch += accum
             self._after_step(monitor, {**stats, "data_wait": data_wait, "ready_batches": ready_batches}, start)
-            if self._done():
+            if self._done() or self.watch.stopping(self.step):
                 return
 
     def _optimizer_step(self, micro_batches: list) -> dict:
         """One optimizer step, queued on the device without waiting for it: the returned loss is a device tensor."""
         factor = lr_factor(self.step, self.total_steps, self.cfg.optim.warmup_steps, self.cfg.optim.min_lr_ratio)
         set_lr(self.optimizer, factor)
+        statistics = [b.clone() for b in self.batch_statistics]  # a skipped step leaves BatchNorm's as they were
         loss = self._accumulate_gradients(micro_batches)
+        grad_norm = None
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # no-ops unless fp16 (whose GradScaler.step reads found_inf)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        nonfinite = ~torch.isfinite(loss) if grad_norm is None else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if not self.scaler.is_enabled():  # fp16: GradScaler skips steps with non-finite gradients itself
+            self.optimizer.found_inf = nonfinite.float()  # the fused AdamW then leaves weights and state as they are
+        for buffer, before in zip(self.batch_statistics, statistics):
+            buffer.copy_(torch.where(nonfinite, before, buffer))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         images = sum(b.images.shape[0] for b in micro_batches) * self.dist.world_size
-        return {"loss": loss.detach(), "lr": self.optimizer.param_groups[0]["lr"], "images": images,
-                **(self.scst.pop_stats() if self.scst else {})}
+        return {"loss": loss.detach(), "nonfinite": nonfinite, "lr": self.optimizer.param_groups[0]["lr"],
+                "images": images, **(self.scst.pop_stats() if self.scst else {})}
 
     def _accumulate_gradients(self, micro_batches: list) -> torch.Tensor:
         """Gradients of the step's mean loss on all ranks together -- cross-entropy per caption token, or SCST's
@@ -221,40 +277,56 @@ class Trainer:
 
     def _after_step(self, monitor: Monitor, stats: dict, start) -> None:
         self._push_step_stats(stats, start)
-        monitor.steps(self.step_log.ready())
+        self._read_records(self.step_log.ready(), monitor)
+        if self.stall is not None:
+            self.stall.stepped(self.step)
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self._done():
-            monitor.steps(self.step_log.drain())  # TensorBoard holds every step up to the checkpoint
+            self._read_records(self.step_log.drain(), monitor, drained=True)  # every step up to the checkpoint
             monitor.flush()
-            self._save("last.pt")
+            self._save()
+
+    def _read_records(self, records: list[dict], monitor: Monitor, drained: bool = False) -> None:
+        """Steps read back from the StepLog go to TensorBoard, then to the StepWatch, which may end the run."""
+        monitor.steps(records)
+        self.watch.see(records)
+        if records:
+            self.last_step_time = records[-1]["step_time"]
+        self.watch.raise_if_failed(self.step, drained)
 
     def _push_step_stats(self, stats: dict, start) -> None:
         host = {"step": self.step, "epoch": self.epoch, "lr": stats["lr"], "images": stats["images"],
                 "data_wait": stats["data_wait"], "ready_batches": stats["ready_batches"]}
         if self.device.type == "cuda":
             host["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # allocator's host counter
-        on_device = {"loss": stats["loss"]}
+        on_device = {"loss": stats["loss"], "nonfinite": stats["nonfinite"]}
         for name, value in stats.items():  # the objective's own scalars (scst/...): host numbers or device tensors
             if name.startswith("scst/"):
                 (on_device if torch.is_tensor(value) else host)[name] = value
-        if self.dist.enabled:  # torch.full passes the value as a kernel argument: no host-to-device copy to wait on
-            wait = torch.full((), stats["data_wait"], dtype=torch.float32, device=self.device)
-            on_device["data_wait_slowest"] = distributed.all_reduce_max(wait)
+        stop = float(self.stop is not None and self.stop.signal is not None)
+        if self.dist.enabled:  # the step's one MAX all-reduce: the slowest rank's wait and step, any rank's stop
+            slowest = distributed.all_reduce_max(torch.stack([self._scalar(v) for v in (
+                stats["data_wait"], self.last_step_time, stop)]))
+            on_device.update(data_wait_slowest=slowest[0], step_time_slowest=slowest[1], stop=slowest[2])
+        else:
+            host["stop"] = stop
         self.step_log.push(start, host, on_device)
+
+    def _scalar(self, value: float) -> torch.Tensor:
+        # torch.full passes the value as a kernel argument: no host-to-device copy to wait on
+        return torch.full((), value, dtype=torch.float32, device=self.device)
 
     # ---- validation ----------------------------------------------------------------------------------
 
     def _validate_if_due(self, monitor: Monitor) -> None:
         every = self.cfg.eval.every_epochs
-        val_beton = schema.beton_path(self.data_dir, self.cfg.data.val_split)
-        if not every or self.epoch % every or not val_beton.exists():
+        if not every or self.epoch % every:
             return
         from capfast.eval.evaluate import evaluate_model
 
         if self.val_loader is None:  # built once: each new loader pays a numba compile
             self.val_loader = self._make_loader(self.cfg.data.val_split, train=False)
-        loader = self.val_loader
         refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
-        report = evaluate_model(self.model, loader, self.vocab, refs, beam_size=self.cfg.eval.beam_size,
+        report = evaluate_model(self.model, self.val_loader, self.vocab, refs, beam_size=self.cfg.eval.beam_size,
                                 max_len=self.cfg.eval.max_len, max_images=self.cfg.eval.max_images,
                                 amp_dtype=self.amp_dtype, meteor=False,  # METEOR's JVM costs ~10 s a call
                                 attributes_file=schema.attributes_path(self.data_dir, self.cfg.data.val_split),
@@ -272,15 +344,18 @@ class Trainer:
         if cider > self.best_cider:
             self.best_cider = cider
             monitor.scalars(self.step, {f"best/{k}": v for k, v in report.metrics.items()})
-            self._save("best.pt")
+            self._save(best=True, metrics=report.metrics)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 
-    def _save(self, name: str) -> None:
+    def _save(self, best: bool = False, metrics: dict | None = None) -> None:
+        """A checkpoint of this step (rank 0 writes it; every rank gives its RNG state, except for best.pt,
+        which rank 0 alone saves after validation: nothing drew random numbers since the epoch's save)."""
+        rngs = self.saved_rngs if best else distributed.gather_object(rng.state())
         if not self.dist.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save({
+        self.saved_rngs = rngs
+        self.run_dir.save({
             "model_config": to_dict(self.cfg)["model"],
             "model": self.model.state_dict(),
             "vocab": list(self.vocab.words),
@@ -289,18 +364,20 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best_cider": self.best_cider,
+            "best_cider": self.best_cider, "metrics": metrics or {},
             "world_size": self.dist.world_size,
-            "rng": _rng_state(),
+            "rng": rngs,
+            "data": self.data,
             "config_history": self.config_history,
-        }, self.out_dir / name)
+        }, best=best)
 
-    def _restore(self, path: Path) -> None:
-        state = checkpoint.load(path)
+    def _restore(self) -> None:
+        state, path = self.run_dir.load_latest(warn=self._note)
         check_same_vocabulary(f"checkpoint {path}", Vocab(tuple(state["vocab"])), self.data_dir / schema.VOCAB_FILE,
                               self.vocab.fingerprint())
+        self._check_same_data(path, state["data"])
         changes = resume.config_changes(state["train_config"], to_dict(self.cfg))
-        resume.check_resumable(path, changes, state.get("world_size", 1), self.dist.world_size,
+        resume.check_resumable(path, changes, state["world_size"], self.dist.world_size,
                                mid_epoch=state["batch_in_epoch"] > 0)
         self.model.load_state_dict(state["model"])
         self._restore_optimizer(path, state["optimizer"])
@@ -308,14 +385,23 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_cider = state["best_cider"]
         self.config_changes = changes
-        self.config_history = state.get("config_history", [])
+        self.config_history = state["config_history"]
         if changes:
             self.config_history.append({"step": self.step, "changes": {k: list(v) for k, v in changes.items()}})
-        if self.dist.is_main or state.get("world_size", 1) == 1:
-            _set_rng_state(state["rng"])
+        if len(state["rng"]) == self.dist.world_size:  # else (a new world size, at an epoch's start): fresh seeds
+            rng.restore(state["rng"][self.dist.rank])
+
+    def _check_same_data(self, path: Path, recorded: dict) -> None:
+        if recorded != self.data:
+            differences = ", ".join(f"{key} {recorded.get(key)} -> {self.data[key]}" for key in self.data
+                                    if recorded.get(key) != self.data[key])
+            raise CapfastError(f"cannot resume from {path}: the training data changed since ({differences}), so "
+                               f"the run would not continue exactly; start a new run with another --out")
 
     def _restore_optimizer(self, path: Path, saved: dict) -> None:
         """The checkpoint's moments and step counts, with this run's lr, weight decay and betas."""
+        for index, values in saved["state"].items():
+            check_finite(path, {f"optimizer state {index}.{k}": v for k, v in values.items()}, "refusing to resume")
         flags = [(group["encoder"], group["decay"]) for group in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(saved)
@@ -326,17 +412,6 @@ class Trainer:
             group["encoder"], group["decay"] = encoder, decay
         apply_settings(self.optimizer, self.cfg.optim)
 
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def _note(self, message: str) -> None:
+        if self.dist.is_main:
+            print(f"capfast: warning: {message}", file=sys.stderr, flush=True)
