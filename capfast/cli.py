@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("capfast.train.cli", "Train a captioner (DDP, bf16/fp16, channels_last, GPU JPEG decode)."),
     "eval": ("capfast.eval.evaluate", "Score a checkpoint with BLEU/METEOR/ROUGE-L/CIDEr on a split."),
     "caption": ("capfast.eval.caption", "Caption image files with a trained checkpoint."),
+    "export": ("capfast.models.export", "Write a checkpoint as model.safetensors + config.json + model card."),
     "bench": ("capfast.bench", "Benchmarks: throughput against baselines run in the same process."),
 }
 

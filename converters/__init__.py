@@ -2,7 +2,7 @@
 image id) and the problems found in the annotations (items skipped, with reasons).
 
     read_coco(annotations_json, image_dir, split)        COCO captions JSON + its image folder
-    read_karpathy(dataset_coco_json, coco_root, splits)  Karpathy's dataset_coco.json (restval joins train)
+    read_karpathy(dataset_json, image_root, splits)      Karpathy's dataset_{coco,flickr8k,flickr30k}.json
     read_folder(image_dir, captions_jsonl, split)        a folder + JSONL lines {"file", "captions"|"caption"}
 
 Bad input (missing, unreadable, invalid JSON, wrong schema, missing image folder) raises CapfastError.

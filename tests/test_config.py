@@ -33,7 +33,7 @@ RECIPES = sorted((ROOT / "configs").glob("*.toml"))
     ("device=tpu", "device must be one of auto, cpu, cuda"),
     ("channels_last=1", "channels_last must be true or false"),
     ("model.decoder=gru", "model.decoder must be one of transformer, lstm"),
-    ("model.encoder=vgg16", "model.encoder must be one of resnet18, resnet34, resnet50, resnet101"),
+    ("model.encoder=vgg16", "model.encoder must be one of resnet18, resnet34, resnet50, resnet101, vit_b_16"),
     ("model.batchnorm=sync", "model.batchnorm must be one of frozen, batch"),
     ("model.dropout=1.0", "model.dropout must be a number >= 0 and < 1"),
     ("eval.beam_size=0", "eval.beam_size must be an integer >= 1"),

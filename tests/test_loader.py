@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision.io as tio
 
+from capfast.common.normalization import IMAGENET
 from capfast.data import Batch, augment, build_loader, preprocess_images
 from capfast.data.order import batch_seed
 from capfast.errors import CapfastError
@@ -19,8 +20,8 @@ from capfast.store.beton import BetonContents
 # numba prints a harmless KeyError when ffcv's compiled pipelines are garbage-collected
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 SIZE = 32
-MEAN = torch.tensor(augment.IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET.mean).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET.std).view(1, 3, 1, 1)
 SOLID = (200, 100, 30)
 # libjpeg-turbo's fast DCT (ffcv) vs its accurate DCT (torchvision) differ by a few levels
 DECODER_ATOL = 6 / 255 / 0.224
@@ -136,7 +137,7 @@ def test_train_images_are_seeded_crops_of_the_stored_images(mixed_beton):
     boxes = augment.random_crop_boxes(augment.image_sizes(picked), (0.35, 1.0), (3 / 4, 4 / 3), generator)
     jitter = augment.jitter_factors(2, 0.4, generator)
     resized = augment.resize_per_image(picked, boxes, SIZE).float()
-    expected = augment.normalize(augment.color_jitter(resized, jitter), torch.float32)
+    expected = augment.normalize(augment.color_jitter(resized, jitter), torch.float32, IMAGENET)
     assert (batch.images - expected).abs().mean() < 0.03
     assert torch.allclose(batch.images, expected, atol=DECODER_ATOL)
 
@@ -225,8 +226,8 @@ def test_lookup_normalization_matches_arithmetic():
     images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     for dtype in (torch.float32, torch.bfloat16):
         arithmetic = ((images.float() - MEAN * 255) * (1 / (STD * 255))).to(dtype)
-        assert torch.equal(augment.normalize(images, dtype), arithmetic)
-        assert torch.equal(augment.normalize(images.float(), dtype), arithmetic)
+        assert torch.equal(augment.normalize(images, dtype, IMAGENET), arithmetic)
+        assert torch.equal(augment.normalize(images.float(), dtype, IMAGENET), arithmetic)
 
 
 def test_preprocess_images_takes_a_list_of_sizes_or_a_batch():

@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from capfast.common.normalization import IMAGENET
 from capfast.data import augment, build_loader, resize_cpu
 from capfast.data.order import batch_seed
 from capfast.store import schema
 
-LEVEL = 1 / 255 / min(augment.IMAGENET_STD)  # one uint8 level, normalized
+LEVEL = 1 / 255 / min(IMAGENET.std)  # one uint8 level, normalized
 SIZE = 24
 
 
@@ -64,7 +65,7 @@ def torch_reference(image: torch.Tensor, box, size: int, factors=None, dtype=tor
     x = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True).round().clamp(0, 255)
     if factors is not None:
         x = augment.color_jitter(x, factors[None])
-    return augment.normalize(x, dtype)[0].float()
+    return augment.normalize(x, dtype, IMAGENET)[0].float()
 
 
 def rounding(factors=None) -> float:
@@ -75,7 +76,7 @@ def rounding(factors=None) -> float:
 
 
 def kernel_output(image: torch.Tensor, box, size: int, factors=None, dtype=torch.float32) -> torch.Tensor:
-    c = augment.constants(torch.device("cpu"))
+    c = augment.constants(torch.device("cpu"), IMAGENET)
     shift, scale = (np.tile(c[k].view(3).numpy(), size) for k in ("mean", "inv_std"))
     out = np.empty((size, size * 3), np.int16 if dtype == torch.bfloat16 else np.float32)
     jitter = np.full(3, -1, np.float32) if factors is None else factors.numpy()

@@ -237,10 +237,10 @@ def test_frozen_batchnorm_trains_the_encoder_without_batch_statistics():
 
 
 def test_fewer_encoder_stages_give_a_finer_grid_and_load_the_kept_stages(tmp_path):
-    """encoder_stages=2 stops after layer2: an 8x8 grid of 128 channels on 64² images; a full ResNet weights file
+    """encoder_depth=2 stops after layer2: an 8x8 grid of 128 channels on 64² images; a full ResNet weights file
     loads into the stages kept."""
     state = save_resnet18_state(tmp_path / "r18.pt")
-    model = build_captioner(tiny_config(encoder_stages=2, encoder_weights=str(tmp_path / "r18.pt")), VOCAB)
+    model = build_captioner(tiny_config(encoder_depth=2, encoder_weights=str(tmp_path / "r18.pt")), VOCAB)
     assert list(model.encoder.trunk._modules)[-1] == "layer2"
     assert torch.equal(model.encoder.trunk.layer2[1].bn2.running_var, state["layer2.1.bn2.running_var"])
     assert model.encoder(torch.zeros(2, 3, 64, 64)).shape == (2, 8 * 8, 32)

@@ -135,6 +135,7 @@ def test_each_image_shows_the_colours_its_attributes_record(converted):
     the id the loader reports."""
     import torch
 
+    from capfast.common.normalization import IMAGENET
     from capfast.data import build_loader
     from capfast.eval.attributes import load_attributes
     from capfast.eval.evaluate import _denormalize
@@ -147,7 +148,7 @@ def test_each_image_shows_the_colours_its_attributes_record(converted):
                           image_size=64)
     checked = right = 0
     for batch in loader.epoch(0):
-        for image, image_id in zip(_denormalize(batch.images) * 255, batch.image_ids.tolist()):
+        for image, image_id in zip(_denormalize(batch.images, IMAGENET) * 255, batch.image_ids.tolist()):
             for shape in attributes[image_id]:
                 x, y = (int(f * 64) for f in ANCHORS[shape["position"]])
                 nearest = (rgb - image[:, y, x]).norm(dim=1).argmin()

@@ -13,7 +13,7 @@ from capfast.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.encoder=\"resnet18\"", "model.encoder_stages=4",  # the trunk these tests were tuned with
+    "model.encoder=\"resnet18\"", "model.encoder_depth=4",  # the trunk these tests were tuned with
     "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.dropout=0.0",
     "data.image_size=32", "data.batch_size=8", "data.workers=1", "eval.every_epochs=0", "precision=\"fp32\"",
     "encoder_trainable_from_epoch=0", "optim.warmup_steps=2", "optim.lr=3e-3", "optim.encoder_lr=3e-3",

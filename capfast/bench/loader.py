@@ -39,11 +39,11 @@ class PilDataset(torch.utils.data.Dataset):
     def __init__(self, jpegs: list[bytes], captions: np.ndarray, image_size: int):
         import torchvision.transforms as T
 
-        from capfast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+        from capfast.common.normalization import IMAGENET
 
         self.jpegs, self.captions = jpegs, captions
         self.transform = T.Compose([T.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO),
-                                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                                    T.ToTensor(), T.Normalize(IMAGENET.mean, IMAGENET.std)])
 
     def __len__(self) -> int:
         return len(self.jpegs)

@@ -12,10 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from capfast.common.normalization import IMAGENET, Normalization
 from capfast.errors import CapfastError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop's
 
@@ -29,14 +28,20 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-@functools.cache
-def constants(device: torch.device) -> dict:
-    """ImageNet mean * 255, 1 / (std * 255) and the gray weights as [1, 3, 1, 1] float32, once per device."""
-    def column(values):
-        return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+def _column(values, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device)
 
-    return {"mean": column(IMAGENET_MEAN) * 255, "inv_std": 1 / (column(IMAGENET_STD) * 255),
-            "gray": column(GRAY_WEIGHTS)}
+
+@functools.cache
+def constants(device: torch.device, normalization: Normalization) -> dict:
+    """mean * 255 and 1 / (std * 255) as [1, 3, 1, 1] float32, once per device and normalization."""
+    return {"mean": _column(normalization.mean, device) * 255,
+            "inv_std": 1 / (_column(normalization.std, device) * 255)}
+
+
+@functools.cache
+def gray_weights(device: torch.device) -> torch.Tensor:
+    return _column(GRAY_WEIGHTS, device)
 
 
 # ---- sampling (CPU, seeded) --------------------------------------------------------------------------
@@ -146,7 +151,7 @@ def aa_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size
 # ---- colour and normalization ------------------------------------------------------------------------
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (x * constants(x.device)["gray"]).sum(dim=1, keepdim=True)
+    return (x * gray_weights(x.device)).sum(dim=1, keepdim=True)
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -159,13 +164,13 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return ((x - gray) * f[:, 2:3] + gray).clamp_(0, 255)
 
 
-def normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(x / 255 - mean) / std with ImageNet statistics, channels_last, in `dtype`."""
+def normalize(x: torch.Tensor, dtype: torch.dtype, normalization: Normalization) -> torch.Tensor:
+    """(x / 255 - mean) / std, channels_last, in `dtype`."""
     from capfast.data import lut
 
     if x.device.type == "cpu" and x.dtype == torch.uint8 and lut.supported(dtype):
-        return lut.normalize_uint8(x, lut.normalization_table(IMAGENET_MEAN, IMAGENET_STD, dtype))
-    c = constants(x.device)
+        return lut.normalize_uint8(x, lut.normalization_table(normalization.mean, normalization.std, dtype))
+    c = constants(x.device, normalization)
     # NCHW while computing: a channels_last broadcast over C has an inner loop of 3 and is several times slower
     y = torch.sub(x.contiguous(), c["mean"]).mul_(c["inv_std"])
     return y.to(dtype=dtype, memory_format=torch.channels_last)
@@ -189,9 +194,10 @@ def image_sizes(images) -> torch.Tensor:
     return torch.tensor([[image.shape[-2], image.shape[-1]] for image in images], dtype=torch.int64)
 
 
-def preprocess_images(images, image_size: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+def preprocess_images(images, image_size: int, device="cpu", dtype=torch.float32,
+                      normalization: Normalization = IMAGENET) -> torch.Tensor:
     """The evaluation transform for uint8 images ([B, 3, H, W] or a list of [3, h, w]): each whole image resized
-    to image_size x image_size, normalized, channels_last, `dtype`, on `device`."""
+    to image_size x image_size, normalized with the encoder's `normalization`, channels_last, `dtype`, on `device`."""
     images = list(images)
     if not images:
         raise CapfastError("no images to preprocess")
@@ -201,4 +207,4 @@ def preprocess_images(images, image_size: int, device="cpu", dtype=torch.float32
     device = torch.device(device)
     images = [image.to(device) for image in images]
     resized = resize_per_image(images, full_boxes(image_sizes(images)), image_size)
-    return normalize(resized, dtype)
+    return normalize(resized, dtype, normalization)

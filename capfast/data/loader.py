@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from capfast.common.normalization import IMAGENET, Normalization
 from capfast.data import augment, checks
 from capfast.data import order as orders
 from capfast.data.augment import preprocess_images  # noqa: F401  (part of this module's API)
@@ -61,19 +62,22 @@ class LoaderSettings:
     # "stage": each JPEG decoded with its crop and resize in ffcv's parallel stage (the CPU path); "batched": the
     # stored bytes of a batch go to one decode_jpegs call (nvJPEG on CUDA; torchvision on the CPU, for tests)
     decode: str
+    normalization: Normalization = IMAGENET  # the encoder's input normalization
     prefetch: int = DEFAULT_PREFETCH  # batches a producer thread prepares ahead; 0: prepared on the consumer's
 
 
 def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.float32, image_size=224,
                  num_workers=None, seed=0, distributed=False, order="random", os_cache=True,
                  crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.0,
-                 prefetch=DEFAULT_PREFETCH, vocab_size: int | None = None) -> "CaptionLoader":
+                 prefetch=DEFAULT_PREFETCH, vocab_size: int | None = None,
+                 normalization: Normalization = IMAGENET) -> "CaptionLoader":
     """A loader over `beton` (written by `capfast convert`). train=True: seeded shuffled order that changes every
     epoch, full batches only, random resized crops (+ optional colour jitter). train=False: file order, every
     record exactly once (over all ranks when distributed), each whole image resized to image_size.
     prefetch: batches a producer thread prepares ahead of the consumer (0: none, all work on the consumer's
     thread); the batches are the same either way. vocab_size: every caption token id must be below it (checked
-    once, here: a one-line error naming the record, not an IndexError at step 1)."""
+    once, here: a one-line error naming the record, not an IndexError at step 1). normalization: the encoder's
+    (models.Captioner.preprocessing), on both the CPU stage and the GPU path."""
     device = checks.device(device)
     settings = LoaderSettings(
         batch_size=checks.positive_int(batch_size, "batch size"), train=bool(train), device=device,
@@ -81,7 +85,8 @@ def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.fl
         workers=resolve_workers(num_workers), seed=checks.seed(seed), order=checks.order(order),
         os_cache=bool(os_cache), crop_scale=checks.interval(crop_scale, "crop scale", 1.0),
         crop_ratio=checks.interval(crop_ratio, "crop ratio", None), color_jitter=checks.jitter(color_jitter),
-        decode="batched" if device.type == "cuda" else "stage", prefetch=checks.prefetch(prefetch))
+        decode="batched" if device.type == "cuda" else "stage", normalization=normalization,
+        prefetch=checks.prefetch(prefetch))
     loader = CaptionLoader(beton, settings, checks.shard(distributed))
     if vocab_size is not None:
         from capfast.store.beton import BetonContents, check_token_ids
@@ -224,7 +229,7 @@ class CaptionLoader:
         x = augment.resize_crops(images_u8, boxes, self.settings.image_size, self._resize_buffer(len(boxes)))
         if factors is not None:
             x = augment.color_jitter(x.float(), factors)
-        return augment.normalize(x, self.settings.dtype)
+        return augment.normalize(x, self.settings.dtype, self.settings.normalization)
 
     def _resize_buffer(self, n: int):
         """Reused uint8 resize output on the CPU: fresh large allocations page-fault on every batch."""
@@ -361,7 +366,7 @@ class CaptionLoader:
     def _crop_resize_decoder(self):
         from capfast.data.ffcv_ops import CropResizeDecoder
 
-        c = augment.constants(torch.device("cpu"))
+        c = augment.constants(torch.device("cpu"), self.settings.normalization)
         out_dtype = np.int16 if self.settings.dtype == torch.bfloat16 else np.float32  # bfloat16 travels as bits
         return CropResizeDecoder(self.settings.image_size, out_dtype, c["mean"].view(3).numpy(),
                                  c["inv_std"].view(3).numpy())

@@ -24,16 +24,17 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def caption_images(model, vocab, images: list[torch.Tensor], *, image_size: int, beam_size=DEFAULT_BEAM,
-                   max_len=DEFAULT_MAX_LEN, batch_size=32, amp_dtype=None) -> list[str]:
+def caption_images(model, vocab, images: list[torch.Tensor], *, beam_size=DEFAULT_BEAM, max_len=DEFAULT_MAX_LEN,
+                   batch_size=32, amp_dtype=None) -> list[str]:
+    """Each uint8 [3, h, w] image resized whole to the model's input size and normalized as its encoder wants."""
     from capfast.data import preprocess_images
     from capfast.eval.evaluate import caption_batch
 
     device = next(model.parameters()).device
     captions = []
     for start in range(0, len(images), batch_size):
-        batch = preprocess_images(images[start:start + batch_size], image_size=image_size, device=device,
-                                  dtype=amp_dtype or torch.float32)
+        batch = preprocess_images(images[start:start + batch_size], image_size=model.image_size, device=device,
+                                  dtype=amp_dtype or torch.float32, normalization=model.normalization)
         captions += caption_batch(model, batch, vocab, beam_size, max_len, amp_dtype)
     return captions
 
@@ -57,7 +58,7 @@ def command(images, checkpoint_path, beam_size, max_len, device, as_json):
         except CapfastError as e:
             click.echo(f"capfast: error: {e}", err=True)
             failed += 1
-    captions = caption_images(model, vocab, tensors, image_size=state["image_size"], beam_size=beam_size,
+    captions = caption_images(model, vocab, tensors, beam_size=beam_size,
                               max_len=max_len) if tensors else []
     for path, caption in zip(readable, captions):
         click.echo(json.dumps({"file": str(path), "caption": caption}) if as_json else f"{path}\t{caption}")

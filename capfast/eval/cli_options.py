@@ -19,7 +19,8 @@ def generation_options(command):
     """--checkpoint, --beam, --max-len and --device, in that order in --help."""
     options = [
         click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(path_type=Path),
-                     help="A checkpoint written by `capfast train` (best.pt or last.pt)."),
+                     help="A checkpoint written by `capfast train` (best.pt or last.pt), or a folder of "
+                          "`capfast export`."),
         click.option("--beam", "beam_size", default=DEFAULT_BEAM, show_default=True, callback=_beam,
                      help="Beam size; 1 = greedy."),
         click.option("--max-len", default=DEFAULT_MAX_LEN, show_default=True, type=click.IntRange(min=1),

@@ -44,7 +44,7 @@ def generate_split(model, loader, vocab, *, beam_size=DEFAULT_BEAM, max_len=DEFA
             report.results.update(zip(image_ids.tolist(), captions))
             take = keep_samples - len(report.sample_images)
             if take > 0:
-                report.sample_images += list(_denormalize(images[:take]))
+                report.sample_images += list(_denormalize(images[:take], loader.settings.normalization))
                 report.sample_captions += captions[:take]
             if limit is not None and len(report.results) >= limit:
                 break
@@ -136,12 +136,10 @@ def _gather_results(results: dict):
     return merged
 
 
-def _denormalize(images: torch.Tensor) -> torch.Tensor:
+def _denormalize(images: torch.Tensor, normalization) -> torch.Tensor:
     """The loader's normalized images back to [0, 1], for TensorBoard."""
-    from capfast.data.augment import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(normalization.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std, device=images.device).view(1, 3, 1, 1)
     return (images.float() * std + mean).clamp(0, 1).cpu()
 
 
@@ -179,8 +177,8 @@ def command(data_dir, split, checkpoint_path, beam_size, max_len, device, batch_
         model, vocab, state = load_model(checkpoint_path, device)
         check_split_vocab(data_dir, split, vocab, what=f"checkpoint {checkpoint_path}")
         loader = build_loader(beton, batch_size=-(-batch_size // dist_info.world_size), train=False,
-                              device=device, image_size=state["image_size"], distributed=dist_info.enabled,
-                              vocab_size=len(vocab))
+                              device=device, image_size=model.image_size, normalization=model.normalization,
+                              distributed=dist_info.enabled, vocab_size=len(vocab))
         report = evaluate_model(model, loader, vocab, schema.refs_path(data_dir, split), beam_size=beam_size,
                                 max_len=max_len, max_images=max_images, ptb_java=ptb_java,
                                 meteor="auto" if meteor else False,

@@ -8,7 +8,8 @@ from torch import nn
 
 from capfast.common.options import build, option
 from capfast.errors import CapfastError
-from capfast.models.encoder import BATCHNORM_MODES, ENCODER_CHANNELS, Encoder
+from capfast.models.backbones import CLASS_TOKEN, check_name
+from capfast.models.encoder import BATCHNORM_MODES, Encoder
 from capfast.models.lstm import LSTMDecoder
 from capfast.models.transformer import TransformerDecoder
 from capfast.store.vocab import Vocab
@@ -20,15 +21,20 @@ DECODERS = ("transformer", "lstm")
 class ModelConfig:
     """Saved in checkpoints as asdict(cfg), rebuilt with ModelConfig.from_dict: every field JSON-serializable."""
 
-    encoder: str = option("resnet50", choices=tuple(ENCODER_CHANNELS))
-    # None/"random": random init | "torchvision": download | a state_dict path
+    # torchvision's resnet18..101, vit_b_16, vit_l_16, swin_t.., convnext_tiny..; "timm:<name>" for a timm ViT
+    # (CLIP, SigLIP: pip install 'capfast[timm]'). Each brings its input normalization and native input size.
+    encoder: str = option("resnet50", check=check_name)
+    # None/"random": random init | "pretrained" (or "torchvision"/"timm"): the library's, downloaded | a local
+    # state_dict path (for timm: a file timm's loader reads)
     encoder_weights: str | None = option(None)
     # BatchNorm of a trainable encoder. "frozen": eval mode, the running statistics in the weights normalize
     # (the affine scale/shift still train), so N ranks x B/N, accumulation and 1 x B train alike.
     # "batch": each rank's micro-batch statistics (plain BatchNorm; ranks and accumulation no longer match).
     batchnorm: str = option("frozen", choices=BATCHNORM_MODES)
-    # ResNet stages kept (1..4): fewer = a finer feature grid (stride 2 ** (stages + 1)), fewer FLOPs and weights
-    encoder_stages: int = option(4, min=1, max=4)
+    # stages (ResNet, Swin, ConvNeXt: 1..4) or blocks (ViT: 1..12, 24 for L) kept; 0: all. A ResNet with fewer
+    # stages has a finer feature grid (stride 2 ** (stages + 1)), fewer FLOPs and weights
+    encoder_depth: int = option(0, min=0)
+    class_token: str = option("drop", choices=CLASS_TOKEN)  # a ViT's class (prefix) tokens in the memory or not
     decoder: str = option("transformer", choices=DECODERS)
     d_model: int = option(512, min=1)  # image feature size (both decoders) and transformer width
     n_layers: int = option(3, min=1)
@@ -64,11 +70,16 @@ class GenerationState:
 
 
 class Captioner(nn.Module):
-    def __init__(self, cfg: ModelConfig, encoder: Encoder, decoder: nn.Module, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, encoder: Encoder, decoder: nn.Module, vocab_size: int, image_size: int):
         super().__init__()
-        self.cfg, self.vocab_size = cfg, vocab_size
+        self.cfg, self.vocab_size, self.image_size = cfg, vocab_size, image_size
         self.pad_id, self.bos_id, self.eos_id = cfg.pad_id, cfg.bos_id, cfg.eos_id
         self.encoder, self.decoder = encoder, decoder
+
+    @property
+    def normalization(self):
+        """What the loader and captioning must normalize images with: the encoder's."""
+        return self.encoder.normalization
 
     def set_encoder_trainable(self, flag: bool) -> None:
         self.encoder.set_trainable(flag)
@@ -117,10 +128,13 @@ def build_decoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     raise CapfastError(f"unknown decoder {cfg.decoder!r}; choose one of {', '.join(DECODERS)}")
 
 
-def build_captioner(cfg: ModelConfig, vocab_size: int, *, load_encoder_weights: bool = True) -> Captioner:
-    """A fresh captioner. load_encoder_weights=False skips cfg.encoder_weights (random trunk): use it when a
+def build_captioner(cfg: ModelConfig, vocab_size: int, *, image_size: int | None = None,
+                    load_encoder_weights: bool = True) -> Captioner:
+    """A fresh captioner for image_size² inputs (default: the encoder's native size; a ViT's position embeddings
+    are made for it). load_encoder_weights=False skips cfg.encoder_weights (random trunk): use it when a
     checkpoint's state_dict is loaded next, so captioning needs neither the weights file nor a download."""
     decoder = build_decoder(cfg, vocab_size)
     encoder = Encoder(cfg.encoder, cfg.d_model, cfg.encoder_weights if load_encoder_weights else None,
-                      batchnorm=cfg.batchnorm, stages=cfg.encoder_stages)
-    return Captioner(cfg, encoder, decoder, vocab_size)
+                      batchnorm=cfg.batchnorm, depth=cfg.encoder_depth, image_size=image_size,
+                      class_token=cfg.class_token)
+    return Captioner(cfg, encoder, decoder, vocab_size, image_size or encoder.native_size)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from capfast.common.io import atomic_path
+from capfast.common.normalization import Normalization
 from capfast.errors import CapfastError
 
 FORMAT = "capfast-checkpoint"
@@ -106,13 +107,28 @@ def check_finite(path, tensors: dict, action: str) -> None:
 
 
 def load_model(path: Path, device="cpu"):
-    """(model in eval mode on `device`, Vocab, checkpoint dict) for evaluation and captioning."""
+    """(model in eval mode on `device`, Vocab, checkpoint dict) for evaluation and captioning, from a checkpoint
+    or a folder of `capfast export`."""
     from capfast.models import ModelConfig, build_captioner
+    from capfast.models.export import is_exported, load_exported
     from capfast.store.vocab import Vocab
 
+    if is_exported(path):
+        model, state = load_exported(Path(path))
+        return model.to(device).eval(), Vocab(tuple(state["vocab"])), state
     state = load(path)
     vocab = Vocab(tuple(state["vocab"]))
     model = build_captioner(ModelConfig.from_dict(state["model_config"]), vocab_size=len(vocab),
+                            image_size=state["image_size"],
                             load_encoder_weights=False)  # the checkpoint holds the trained weights
+    check_normalization(path, model, Normalization.from_dict(state["normalization"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), vocab, state
+
+
+def check_normalization(path, model, recorded: Normalization) -> None:
+    """The model was trained on images normalized with `recorded`: its encoder must still declare the same."""
+    if model.normalization != recorded:
+        raise CapfastError(f"{path} was trained with input normalization {recorded.to_dict()}, but encoder "
+                           f"{model.cfg.encoder} now declares {model.normalization.to_dict()} (another timm or "
+                           f"torchvision version?)")

@@ -85,7 +85,8 @@ def read_source(split, annotations, images, karpathy, folder, captions) -> Sourc
     if len(given) != 1:
         raise CapfastError("give exactly one input: --annotations (COCO), --karpathy or --folder")
     if karpathy is not None:
-        require(images, "--karpathy needs --images (the COCO root that holds the Karpathy filepaths)")
+        require(images, "--karpathy needs --images (the root of the images the split file names: COCO's, or the Flickr "
+                          "image folder)")
         if split:
             return read_karpathy(karpathy, images, [check_split_name(s.strip()) for s in split.split(",")])
         return without_empty_splits(read_karpathy(karpathy, images))
@@ -307,8 +308,10 @@ def setting(name: str, help_text: str):
 @click.command()
 @click.option("--annotations", type=click.Path(path_type=Path), help="COCO captions JSON (needs --images).")
 @click.option("--images", type=click.Path(path_type=Path),
-              help="Image folder (COCO) or COCO root holding the Karpathy filepaths.")
-@click.option("--karpathy", type=click.Path(path_type=Path), help="Karpathy dataset_coco.json (needs --images).")
+              help="Image folder (COCO), or the root of the Karpathy split file's images.")
+@click.option("--karpathy", type=click.Path(path_type=Path),
+              help="Karpathy split file: dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json "
+                   "(needs --images).")
 @click.option("--folder", type=click.Path(path_type=Path), help="Image folder described by --captions.")
 @click.option("--captions", type=click.Path(path_type=Path),
               help='JSONL: {"file": "x.jpg", "captions": [...]} or "caption": "..." per line.')

@@ -11,13 +11,13 @@ from capfast.store.vocab import Vocab
 def initial_weights(cfg, vocab: Vocab) -> dict | None:
     """The state_dict of cfg.init_from (None when unset). The run adopts that checkpoint's model config (it
     replaces cfg.model, so checkpoints and config.json record the architecture trained); its optimizer, step
-    and RNG are not used. The checkpoint's vocabulary must be the data's."""
+    and RNG are not used. The checkpoint's vocabulary must be the data's. A folder of `capfast export` works too."""
     if not cfg.init_from:
         return None
     path = Path(cfg.init_from)
-    if not path.is_file():
+    if not path.exists():
         raise CapfastError(f"init_from checkpoint not found: {path}")
-    state = checkpoint.load(path)
+    _, _, state = checkpoint.load_model(path)
     check_same_vocabulary(f"init_from {path}", Vocab(tuple(state["vocab"])), "the data's vocab.json",
                           vocab.fingerprint())
     cfg.model = ModelConfig.from_dict(state["model_config"])

@@ -70,7 +70,7 @@ class Trainer:
         weights = initial_weights(cfg, self.vocab)  # init_from: also adopts that checkpoint's cfg.model
         check_consistency(cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = build_captioner(cfg.model, vocab_size=len(self.vocab),
+        self.model = build_captioner(cfg.model, vocab_size=len(self.vocab), image_size=cfg.data.image_size,
                                      load_encoder_weights=not resume and weights is None).to(self.device)
         if weights is not None:
             self.model.load_state_dict(weights)
@@ -132,7 +132,7 @@ class Trainer:
             num_workers=workers, seed=self.cfg.seed, distributed=self.dist.enabled,
             order=self.cfg.data.order if train else "sequential", os_cache=self.cfg.data.os_cache,
             crop_scale=self.cfg.data.crop_scale, color_jitter=self.cfg.data.color_jitter if train else 0.0,
-            prefetch=self.cfg.data.prefetch, vocab_size=len(self.vocab))
+            prefetch=self.cfg.data.prefetch, vocab_size=len(self.vocab), normalization=self.model.normalization)
 
     def _set_encoder_trainable(self, epoch: int) -> None:
         """Freezes or unfreezes the encoder for this epoch; (re)wraps DDP/compile when that changes."""
@@ -360,6 +360,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "vocab": list(self.vocab.words),
             "image_size": self.cfg.data.image_size,
+            "normalization": self.model.normalization.to_dict(),
             "train_config": to_dict(self.cfg),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
