@@ -134,11 +134,18 @@ def vit_run(converted, tmp_path_factory):
     return out
 
 
-def test_a_vit_trains_resumes_evaluates_and_captions(vit_run, converted, tmp_path, capfast_cli, synth_coco):
+@pytest.mark.parametrize("encoder", ["vit_b_16", CLIP])
+def test_a_vit_trains_resumes_evaluates_and_captions(encoder, vit_run, converted, tmp_path, capfast_cli, synth_coco):
     run = tmp_path / "run"
-    shutil.copytree(vit_run, run)
+    if encoder == "vit_b_16":
+        shutil.copytree(vit_run, run)
+    else:
+        pytest.importorskip("timm")
+        first = capfast_cli("train", "--config", ROOT / "configs" / "cpu_smoke.toml", "--data", converted,
+                            "--out", run, f"model.encoder=\"{encoder}\"", *TINY_RUN, "epochs=1")
+        assert first.code == 0, first.stderr
     resumed = capfast_cli("train", "--config", ROOT / "configs" / "cpu_smoke.toml", "--data", converted,
-                          "--out", run, "--resume", "model.encoder=vit_b_16", *TINY_RUN, "epochs=2")
+                          "--out", run, "--resume", f"model.encoder=\"{encoder}\"", *TINY_RUN, "epochs=2")
     assert resumed.code == 0, resumed.stderr
     from capfast.models.checkpoint import load
 
@@ -206,3 +213,11 @@ def test_model_config_refuses_an_unknown_encoder_in_one_line():
         ModelConfig.from_dict({"encoder": "vgg16"})
     assert build_captioner(ModelConfig(encoder="vit_b_16", encoder_depth=1, d_model=16, n_heads=2, n_layers=1),
                            10).image_size == 224  # the native size when none is given
+
+
+def test_init_from_a_vit_at_another_image_size_is_one_line(vit_run, converted, tmp_path, capfast_cli):
+    result = capfast_cli("train", "--config", ROOT / "configs" / "cpu_smoke.toml", "--data", converted,
+                         "--out", tmp_path / "run", f"init_from=\"{vit_run / 'last.pt'}\"", *TINY_RUN,
+                         "data.image_size=48")
+    assert result.code != 0 and result.stderr.count("\n") == 1
+    assert "was trained at data.image_size=32; its vit_b_16 encoder needs the same here (got 48)" in result.stderr

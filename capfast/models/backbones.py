@@ -40,6 +40,11 @@ def check_name(name: str) -> str | None:
     return f"one of {', '.join(TORCHVISION)} or timm:<a timm ViT name>"
 
 
+def fixed_input_size(name: str) -> bool:
+    """A ViT's position embeddings are made for one input size; convolutions and Swin's windows take any."""
+    return name in VITS or name.startswith(TIMM_PREFIX)
+
+
 @dataclass
 class Backbone:
     trunk: nn.Module  # images [B, 3, H, W] -> [B, S, width] through `tokens`

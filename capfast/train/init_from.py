@@ -4,6 +4,7 @@ from pathlib import Path
 
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig, checkpoint
+from capfast.models.backbones import fixed_input_size
 from capfast.store.checks import check_same_vocabulary
 from capfast.store.vocab import Vocab
 
@@ -21,4 +22,7 @@ def initial_weights(cfg, vocab: Vocab) -> dict | None:
     check_same_vocabulary(f"init_from {path}", Vocab(tuple(state["vocab"])), "the data's vocab.json",
                           vocab.fingerprint())
     cfg.model = ModelConfig.from_dict(state["model_config"])
+    if state["image_size"] != cfg.data.image_size and fixed_input_size(cfg.model.encoder):
+        raise CapfastError(f"init_from {path} was trained at data.image_size={state['image_size']}; its "
+                           f"{cfg.model.encoder} encoder needs the same here (got {cfg.data.image_size})")
     return state["model"]
