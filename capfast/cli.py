@@ -30,8 +30,9 @@ def cli():
       capfast synth data/synth                       # or use real COCO
       capfast convert --annotations A.json --images DIR --split train --out data/coco
       capfast train --config configs/coco_r50_transformer.toml --data data/coco --out runs/r50
-      capfast eval --checkpoint runs/r50/best.pt --data data/coco/val.beton
+      capfast eval --checkpoint runs/r50/best.pt --data data/coco --split val
       capfast caption --checkpoint runs/r50/best.pt my_photo.jpg
+      capfast export runs/r50/best.pt models/r50     # safetensors + config.json
     """
 
 

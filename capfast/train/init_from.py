@@ -5,6 +5,7 @@ from pathlib import Path
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig, checkpoint
 from capfast.models.backbones import fixed_input_size
+from capfast.models.export import is_exported
 from capfast.store.checks import check_same_vocabulary
 from capfast.store.vocab import Vocab
 
@@ -18,7 +19,8 @@ def initial_weights(cfg, vocab: Vocab) -> dict | None:
     path = Path(cfg.init_from)
     if not path.exists():
         raise CapfastError(f"init_from checkpoint not found: {path}")
-    _, _, state = checkpoint.load_model(path)
+    # a checkpoint's state as it is (checked before a model is built from it); a folder's through its model
+    state = checkpoint.load_model(path)[2] if is_exported(path) else checkpoint.load(path)
     check_same_vocabulary(f"init_from {path}", Vocab(tuple(state["vocab"])), "the data's vocab.json",
                           vocab.fingerprint())
     cfg.model = ModelConfig.from_dict(state["model_config"])
