@@ -198,6 +198,32 @@ def test_scst_gradient_is_a_mean_over_all_samples_of_the_step(converted, xe_chec
         torch.testing.assert_close(halves[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_start_is_validated_kept_as_best_and_patience_stops_also_across_a_resume(converted, xe_checkpoint, tmp_path):
+    """A run from init_from scores its start first; with a learning rate too small to change a caption no later
+    validation beats it, so best.pt stays the start (step 0) and eval.patience=2 stops after the second epoch --
+    also when the run is cut after its first epoch and resumed (last.pt carries the count)."""
+    still = [*SCST, f"init_from=\"{xe_checkpoint}\"", "optim.lr=1e-12", "optim.encoder_lr=0", "epochs=4",
+             "eval.every_epochs=1", "eval.patience=2", "eval.beam_size=1"]
+    summary = train(converted, tmp_path / "full", *still)
+    assert summary["epoch"] == 2 and summary["last_cider"] == summary["best_cider"]
+    best = checkpoint.load(tmp_path / "full" / "best.pt")
+    assert best["step"] == 0 and best["best_cider"] == summary["best_cider"]
+
+    train(converted, tmp_path / "cut", *still, "max_steps=4")  # one epoch of 4 steps
+    resumed = train(converted, tmp_path / "cut", *still, resume=True)
+    assert resumed["epoch"] == 2 and resumed["step"] == summary["step"]
+
+
+def test_the_end_of_a_run_below_its_best_is_one_line_naming_best_pt(tmp_path):
+    from capfast.train.cli import worse_than_best
+
+    note = worse_than_best({"last_cider": 4.889, "best_cider": 5.163}, tmp_path)
+    assert note == ("capfast: note: the final model's val CIDEr 4.889 is below the best, 5.163: "
+                    f"{tmp_path / 'best.pt'} holds that one")
+    assert worse_than_best({"last_cider": 5.2, "best_cider": 5.2}, tmp_path) == ""
+    assert worse_than_best({"last_cider": None, "best_cider": float("-inf")}, tmp_path) == ""
+
+
 # ---- bad input: one line, no traceback, non-zero exit ---------------------------------------------------
 
 def scst_cli(capfast_cli, data, out, *overrides):

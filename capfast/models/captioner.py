@@ -69,6 +69,16 @@ class GenerationState:
         return GenerationState(tensors, self.position, self.use_cache)
 
 
+# The encoder's trunk (the ResNet) is the only part that freezes (encoder_trainable_from_epoch) and trains at
+# optim.encoder_lr; the projection and LayerNorm after it adapt its features to the decoder and train with it.
+TRUNK_PREFIX = "encoder.trunk."
+
+
+def is_trunk_parameter(name: str) -> bool:
+    """Whether the Captioner parameter `name` belongs to the encoder's trunk (TRUNK_PREFIX)."""
+    return name.startswith(TRUNK_PREFIX)
+
+
 class Captioner(nn.Module):
     def __init__(self, cfg: ModelConfig, encoder: Encoder, decoder: nn.Module, vocab_size: int, image_size: int):
         super().__init__()

@@ -93,5 +93,17 @@ def run(cfg, data_dir: Path, out_dir: Path, resume: bool) -> None:
             sys.exit(EXIT_STOPPED)
         if trainer.dist.is_main:
             click.echo(f"done: {summary['step']} steps, {summary['epoch']} epochs; checkpoints in {out_dir}")
+            worse = worse_than_best(summary, out_dir)
+            if worse:
+                click.echo(worse, err=True)
     finally:
         distributed.shutdown()
+
+
+def worse_than_best(summary: dict, out_dir: Path) -> str:
+    """The one-line note for a run whose final validation is below its best (the start's included), or ''."""
+    last, best = summary["last_cider"], summary["best_cider"]
+    if last is None or not last < best:
+        return ""
+    return (f"capfast: note: the final model's val CIDEr {last:.3f} is below the best, {best:.3f}: "
+            f"{out_dir / 'best.pt'} holds that one")

@@ -35,8 +35,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = option(3e-4, above=0)
-    encoder_lr: float = option(1e-4, min=0)      # used once the encoder is trainable
+    """Learning rates: `encoder_lr` for the encoder's trunk (the ResNet; it trains only from
+    encoder_trainable_from_epoch on), `lr` for the rest -- the decoder and the projection and LayerNorm between trunk
+    and decoder, which always train (capfast.models.captioner.TRUNK_PREFIX)."""
+
+    lr: float = option(3e-4, above=0)            # decoder, and the encoder's projection and norm
+    encoder_lr: float = option(1e-4, min=0)      # the encoder's trunk, once it is trainable
     weight_decay: float = option(0.01, min=0)
     betas: tuple[float, float] = option((0.9, 0.98), min=0, below=1)
     warmup_steps: int = option(500, min=0)
@@ -53,6 +57,7 @@ class EvalConfig:
     max_len: int = option(20, min=1)
     max_images: int = option(0, min=0)           # over all ranks; 0 = the whole validation split
     log_images: int = option(4, min=0)           # images with generated captions shown in TensorBoard
+    patience: int = option(0, min=0)             # stop after this many validations in a row without a new best CIDEr
 
 
 @dataclass
@@ -76,7 +81,8 @@ class TrainConfig:
     init_from: str = option("")                  # checkpoint to start from: its model config and weights only
     epochs: int = option(10, min=1)
     max_steps: int = option(0, min=0)            # stop after this many optimizer steps (0 = run all epochs)
-    encoder_trainable_from_epoch: int = option(-1, min=-1)  # -1 keeps the encoder frozen; 0 fine-tunes from the start
+    # the encoder's trunk: -1 keeps it frozen; 0 fine-tunes it from the start (its projection and norm always train)
+    encoder_trainable_from_epoch: int = option(-1, min=-1)
     precision: str = option("bf16", choices=tuple(DTYPES))  # bf16 | fp16 | fp32
     channels_last: bool = option(True)
     compile: bool = option(False)

@@ -5,6 +5,7 @@ import math
 import torch
 from torch import nn
 
+from capfast.models import is_trunk_parameter
 from capfast.train.config import OptimConfig
 
 # Modules whose parameters are never decayed: decay would pull embeddings and normalization scales toward 0.
@@ -12,16 +13,17 @@ NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchno
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """Encoder parameters get `encoder_lr`; biases and the parameters of embeddings and norms get no weight decay.
+    """The encoder's trunk gets `encoder_lr`, everything else (the encoder's projection and norm, the decoder)
+    `lr` (capfast.models.captioner.TRUNK_PREFIX); biases and the parameters of embeddings and norms get no weight decay.
     Fused (CUDA and CPU): one kernel per step, which also skips a step on the device when its `found_inf` says so."""
     no_decay_ids = no_decay_parameter_ids(model)
     groups = {}
     for name, param in model.named_parameters():
-        key = (name.startswith("encoder."), id(param) in no_decay_ids)
+        key = (is_trunk_parameter(name), id(param) in no_decay_ids)
         groups.setdefault(key, []).append(param)
-    param_groups = [{"params": params, "encoder": is_encoder, "decay": not no_decay,
-                     "lr": cfg.encoder_lr if is_encoder else cfg.lr}
-                    for (is_encoder, no_decay), params in sorted(groups.items())]
+    param_groups = [{"params": params, "encoder": is_trunk, "decay": not no_decay,
+                     "lr": cfg.encoder_lr if is_trunk else cfg.lr}
+                    for (is_trunk, no_decay), params in sorted(groups.items())]
     # The decoder's groups come first so that param_groups[0]["lr"] is the headline learning rate.
     param_groups.sort(key=lambda g: g["encoder"])
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)

@@ -9,8 +9,9 @@ refused. The keys listed as applied are applied, and the change is recorded (che
            precision, encoder_trainable_from_epoch, and the number of processes when resuming mid-epoch
   applied  epochs and max_steps (the cosine schedule is stretched from the current step on), optimizer settings
            (lr, encoder_lr, weight_decay, betas, warmup, clipping, label smoothing: set on the restored optimizer),
-           eval.*, data.val_split, data.workers, data.os_cache, data.prefetch, logging, progress_seconds,
-           checkpoint_every, compile, channels_last, device, keep_last, stop_signals, dist_timeout_s,
+           eval.* (eval.patience too: last.pt counts the validations since the best), data.val_split,
+           data.workers, data.os_cache, data.prefetch, logging, progress_seconds, checkpoint_every, compile,
+           channels_last, device, keep_last, stop_signals, dist_timeout_s,
            nonfinite_skips, init_from (only read when a run starts)
 
 Every config key is in exactly one of the two lists (tests/test_config.py checks it); a key in neither is refused,

@@ -64,6 +64,8 @@ class Trainer:
                                f"{self.dist.world_size} processes")
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_cider = -math.inf
+        self.last_cider = None     # the latest validation's CIDEr in this process's run
+        self.stale_evals = 0       # validations in a row without a new best CIDEr (eval.patience)
         self.config_changes = {}   # on resume: {key: (checkpoint's value, this run's value)}, all applied
         self.config_history = []   # every resume's changes: [{"step", "changes"}], kept in the checkpoints
 
@@ -158,7 +160,9 @@ class Trainer:
         monitor = Monitor(self.out_dir / "tb", self.dist.is_main, self.cfg, self.stop_step, self.step)
         succeeded = False
         try:
-            while self.epoch < self.cfg.epochs and not self._done():
+            if self._validates_start():
+                self._validate(monitor)  # best.pt starts as the init_from model: a run never ends below its start
+            while self.epoch < self.cfg.epochs and not self._done() and not self._out_of_patience():
                 self._set_encoder_trainable(self.epoch)
                 self._train_epoch(monitor)
                 finished = self.batch_in_epoch >= self.steps_per_epoch * self.cfg.optim.grad_accum
@@ -175,7 +179,8 @@ class Trainer:
             monitor.close(succeeded)
             if self.stall is not None:
                 self.stall.close()
-        return {"step": self.step, "epoch": self.epoch, "best_cider": self.best_cider, "stopped": self.stopped}
+        return {"step": self.step, "epoch": self.epoch, "best_cider": self.best_cider, "last_cider": self.last_cider,
+                "stopped": self.stopped}
 
     def _done(self) -> bool:
         return self.step >= self.stop_step
@@ -317,11 +322,26 @@ class Trainer:
 
     # ---- validation ----------------------------------------------------------------------------------
 
+    def _validates_start(self) -> bool:
+        """A run from init_from is scored before its first step, so that best.pt and the end-of-run note can
+        compare with the model it started from."""
+        return bool(self.cfg.init_from and self.cfg.eval.every_epochs and self.step == 0)
+
+    def _out_of_patience(self) -> bool:
+        """eval.patience validations in a row without a new best: stop (rank 0 counts, every rank follows)."""
+        self.stale_evals = distributed.broadcast_object(self.stale_evals)
+        return bool(self.cfg.eval.patience) and self.stale_evals >= self.cfg.eval.patience
+
     def _validate_if_due(self, monitor: Monitor) -> None:
         every = self.cfg.eval.every_epochs
-        if not every or self.epoch % every:
-            return
+        if every and self.epoch % every == 0:
+            self._validate(monitor)
+
+    def _validate(self, monitor: Monitor) -> None:
         from capfast.eval.evaluate import evaluate_model
+
+        if self.step == 0:  # the start's validation: its best.pt comes before any other checkpoint
+            self.saved_rngs = distributed.gather_object(rng.state())
 
         if self.val_loader is None:  # built once: each new loader pays a numba compile
             self.val_loader = self._make_loader(self.cfg.data.val_split, train=False)
@@ -340,18 +360,22 @@ class Trainer:
                          report.sample_captions[:self.cfg.eval.log_images])
         monitor.write(f"epoch {self.epoch}/{self.cfg.epochs} val: "
                       + "  ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
-        cider = report.metrics.get("CIDEr", -math.inf)
+        cider = self.last_cider = report.metrics.get("CIDEr", -math.inf)
+        self.stale_evals += 1
         if cider > self.best_cider:
-            self.best_cider = cider
+            self.best_cider, self.stale_evals = cider, 0
             monitor.scalars(self.step, {f"best/{k}": v for k, v in report.metrics.items()})
             self._save(best=True, metrics=report.metrics)
+        elif self.cfg.eval.patience:
+            self._save(validated=True)  # last.pt then carries the count of stale validations to --resume
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 
-    def _save(self, best: bool = False, metrics: dict | None = None) -> None:
-        """A checkpoint of this step (rank 0 writes it; every rank gives its RNG state, except for best.pt,
-        which rank 0 alone saves after validation: nothing drew random numbers since the epoch's save)."""
-        rngs = self.saved_rngs if best else distributed.gather_object(rng.state())
+    def _save(self, best: bool = False, metrics: dict | None = None, validated: bool = False) -> None:
+        """A checkpoint of this step (rank 0 writes it; every rank gives its RNG state, except for best.pt and
+        `validated` re-saves, which rank 0 alone writes after validation: nothing drew random numbers since the
+        epoch's save)."""
+        rngs = self.saved_rngs if best or validated else distributed.gather_object(rng.state())
         if not self.dist.is_main:
             return
         self.saved_rngs = rngs
@@ -365,7 +389,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best_cider": self.best_cider, "metrics": metrics or {},
+            "best_cider": self.best_cider, "stale_evals": self.stale_evals, "metrics": metrics or {},
             "world_size": self.dist.world_size,
             "rng": rngs,
             "data": self.data,
@@ -385,6 +409,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_cider = state["best_cider"]
+        self.stale_evals = state.get("stale_evals", 0)  # checkpoints from before eval.patience lack it
         self.config_changes = changes
         self.config_history = state["config_history"]
         if changes:
