@@ -409,7 +409,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_cider = state["best_cider"]
-        self.stale_evals = state.get("stale_evals", 0)  # checkpoints from before eval.patience lack it
+        self.stale_evals = state["stale_evals"]
         self.config_changes = changes
         self.config_history = state["config_history"]
         if changes:
