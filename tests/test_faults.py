@@ -3,6 +3,7 @@ checkpoints, damaged data, a full disk, a read-only or busy --out, restarts. Eac
 loses nothing that was saved (README, "Faults and restarts")."""
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -203,6 +204,22 @@ def test_non_finite_steps_are_skipped_without_changing_the_weights(converted, tm
     moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(seventh["optimizer"]["state"].values(),
                                                               eighth["optimizer"]["state"].values())]
     assert all(torch.equal(a, b) for a, b in moments)
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_too_without_clipping(converted, tmp_path):
+    """optim.grad_clip=0 still measures the gradient norm: an infinite gradient (the loss finite) skips the step,
+    so weights and BatchNorm statistics stay as they were."""
+    from test_train import TINY as TRAIN_TINY
+
+    from capfast.train.config import load_config
+    from capfast.train.trainer import Trainer
+
+    cfg = load_config(CONFIG, [*TRAIN_TINY, "epochs=1", "optim.grad_clip=0", "nonfinite_skips=10"])
+    trainer = Trainer(cfg, converted, tmp_path / "run")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    next(trainer.model.decoder.parameters()).register_hook(lambda grad: torch.full_like(grad, math.inf))
+    trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items() if k in before)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------
@@ -458,3 +475,12 @@ def test_a_token_id_outside_the_vocabulary_is_refused_before_step_1(converted, t
     result = capfast_cli("train", "--config", CONFIG, "--data", data, "--out", tmp_path / "r", *TINY,
                          "data.batch_size=4")
     assert_clean_error(result, "record 5", "token id 65535", "outside the vocabulary")
+
+
+def test_every_rank_answers_resume_or_start_alike(tmp_path):
+    from capfast.train.cli import resumes
+
+    assert resumes(tmp_path, resume=True, auto_resume=True)  # --resume wins: then its missing last.pt is an error
+    assert not resumes(tmp_path, resume=False, auto_resume=True)
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert resumes(tmp_path, resume=False, auto_resume=True) and not resumes(tmp_path, False, False)

@@ -41,9 +41,9 @@ def decode_jpegs(encoded: list[torch.Tensor], device) -> list[torch.Tensor]:
         return decode(encoded, mode=ImageReadMode.RGB, device=device)
 
 
-def first_undecodable(jpegs: list[torch.Tensor]) -> int:
+def first_undecodable(jpegs: list[torch.Tensor]) -> int | None:
     """The position of the first of `jpegs` (uint8 tensors) that torchvision cannot decode on the CPU, after a
-    batched decode failed: the batch's error names no image."""
+    batched decode failed: the batch's error names no image. None when the CPU decodes them all."""
     from torchvision.io import decode_jpeg
 
     with warnings.catch_warnings():
@@ -53,4 +53,4 @@ def first_undecodable(jpegs: list[torch.Tensor]) -> int:
                 decode_jpeg(data.cpu())
             except RuntimeError:
                 return i
-    return 0
+    return None

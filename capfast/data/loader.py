@@ -256,7 +256,10 @@ class CaptionLoader:
             images = self._images(out, boxes, factors, epoch, b)
         return Batch(images, *self._labels(out))
 
-    def _undecodable(self, epoch: int, b: int, i: int, out: dict, why: str):
+    def _undecodable(self, epoch: int, b: int, i: int | None, out: dict, why: str):
+        if i is None:
+            raise CapfastError(f"{self.beton}: batch {b} of epoch {epoch} does not decode on "
+                               f"{self.settings.device} ({why}), though each of its JPEGs decodes on the CPU")
         record = int(self.rank_order(epoch)[b * self.settings.batch_size + i])
         image_id = int(out[schema.IMAGE_ID].view(-1)[i])
         raise CapfastError(f"{self.beton}: record {record} (image {image_id}) is not a valid JPEG: {why}; "

@@ -153,10 +153,7 @@ def resnet(name: str, weights, depth: int, zero_init_residual: bool) -> Backbone
     if weights is not None and weights not in PRETRAINED:
         # a file of the whole ResNet, or of a trunk cut as this one: the later stages are not used
         state = {k: v for k, v in load_state_dict_file(weights).items() if k.startswith(tuple(f"{m}." for m in kept))}
-        mismatch = describe_mismatch(trunk.state_dict(), state)
-        if mismatch:
-            raise CapfastError(f"encoder weights {weights} do not fit {name}: {mismatch}")
-        trunk.load_state_dict(state)
+        load_weights(trunk, state, weights, name)
     return Backbone(trunk, RESNETS[name] >> (STAGES - stages), IMAGENET, 224)
 
 

@@ -4,6 +4,17 @@ SCST reward compare generated captions with."""
 from pathlib import Path
 
 from capfast.common.io import read_json
+from capfast.errors import CapfastError
+from capfast.store import schema
+
+
+def require_references(data_dir: Path, split: str, purpose: str) -> Path:
+    """refs_SPLIT.json of `data_dir`, or a one-line error saying what (`purpose`) needs it."""
+    refs_file = schema.refs_path(data_dir, split)
+    if not refs_file.is_file():
+        raise CapfastError(f"{purpose} needs the {split} split's reference captions: {refs_file} not found "
+                           f"(`capfast convert` writes it beside {split}.beton)")
+    return refs_file
 
 
 def load_references(refs_file: Path) -> dict[int, list[str]]:

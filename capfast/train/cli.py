@@ -49,7 +49,7 @@ def command(config_path, data_dir, out_dir, resume, auto_resume, nproc, override
                 *(["--resume"] if resume else []), *(["--auto-resume"] if auto_resume else []), *overrides]
         sys.exit(launch(nproc, argv, cfg.stop_signals))
     if int(os.environ.get("RANK", "0")) != 0:
-        return run(cfg, data_dir, out_dir, resume or auto_resume and (out_dir / "last.pt").exists())
+        return run(cfg, data_dir, out_dir, resumes(out_dir, resume, auto_resume))
     from capfast.common.lock import RunLock
     from capfast.train.run_dir import RunDir
 
@@ -57,13 +57,17 @@ def command(config_path, data_dir, out_dir, resume, auto_resume, nproc, override
     with RunLock(out_dir):
         RunDir(out_dir).remove_stale_temporaries()
         last = out_dir / "last.pt"
-        if auto_resume:
-            resume = last.exists()
+        resume = resumes(out_dir, resume, auto_resume)
         if resume and not last.is_file():
             raise CapfastError(f"--resume: no checkpoint at {last}")
         if not resume and last.exists():
             raise CapfastError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
         run(cfg, data_dir, out_dir, resume)
+
+
+def resumes(out_dir: Path, resume: bool, auto_resume: bool) -> bool:
+    """Every rank's one answer: --resume always resumes; --auto-resume resumes when OUT holds last.pt."""
+    return resume or (auto_resume and (out_dir / "last.pt").exists())
 
 
 def run(cfg, data_dir: Path, out_dir: Path, resume: bool) -> None:

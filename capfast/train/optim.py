@@ -5,7 +5,9 @@ import math
 import torch
 from torch import nn
 
+from capfast.errors import CapfastError
 from capfast.models import is_trunk_parameter
+from capfast.models.checkpoint import check_finite
 from capfast.train.config import OptimConfig
 
 # Modules whose parameters are never decayed: decay would pull embeddings and normalization scales toward 0.
@@ -48,6 +50,22 @@ def apply_settings(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
         group["base_lr"] = cfg.encoder_lr if group["encoder"] else cfg.lr
         group["weight_decay"] = cfg.weight_decay if group["decay"] else 0.0
         group["betas"] = tuple(cfg.betas)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, path, saved: dict, cfg: OptimConfig) -> None:
+    """A checkpoint's moments and step counts (`saved`, read from `path`), with this run's lr, weight decay and
+    betas; non-finite moments are refused."""
+    for index, values in saved["state"].items():
+        check_finite(path, {f"optimizer state {index}.{k}": v for k, v in values.items()}, "refusing to resume")
+    flags = [(group["encoder"], group["decay"]) for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except ValueError:
+        raise CapfastError(f"cannot resume from {path}: its optimizer state does not fit this model's "
+                           "parameter groups (written by another capfast version?)") from None
+    for group, (encoder, decay) in zip(optimizer.param_groups, flags):
+        group["encoder"], group["decay"] = encoder, decay
+    apply_settings(optimizer, cfg)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

@@ -69,6 +69,15 @@ def check_resumable(path, changes: dict, old_world: int, new_world: int, mid_epo
                            f"(keep the checkpoint's values, or start a new run with --out)")
 
 
+def check_same_data(path, recorded: dict, current: dict) -> None:
+    """The checkpoint's data fingerprint (store.beton.data_fingerprint) must be this run's: else "exact" fails."""
+    if recorded != current:
+        differences = ", ".join(f"{key} {recorded.get(key)} -> {current[key]}" for key in current
+                                if recorded.get(key) != current[key])
+        raise CapfastError(f"cannot resume from {path}: the training data changed since ({differences}), so "
+                           f"the run would not continue exactly; start a new run with another --out")
+
+
 def describe(changes: dict) -> str:
     return ", ".join(f"{key} {show(a)} -> {show(b)}" for key, (a, b) in changes.items())
 

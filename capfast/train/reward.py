@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from capfast.common.io import atomic_path
-from capfast.errors import CapfastError
 from capfast.eval.cider import CiderD, build_tables, encode_references
 from capfast.store import schema
+from capfast.store.references import require_references
 from capfast.store.vocab import Vocab
 
 CACHE_VERSION = 1
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def load_reward(data_dir, split: str, vocab: Vocab, *, write_cache: bool = True) -> CiderD:
     """CIDEr-D with the document frequencies of `split`'s references, from the cache when it is current."""
-    refs_file = require_references(data_dir, split)
+    refs_file = require_references(data_dir, split, "SCST")
     key = _cache_key(refs_file, vocab)
     cached = _read_cache(schema.cider_cache_path(data_dir, split), key)
     if cached is not None:
@@ -34,14 +34,6 @@ def load_reward(data_dir, split: str, vocab: Vocab, *, write_cache: bool = True)
     if write_cache:
         _write_cache(schema.cider_cache_path(data_dir, split), key, tables)
     return CiderD(tables)
-
-
-def require_references(data_dir, split: str) -> Path:
-    refs_file = schema.refs_path(data_dir, split)
-    if not refs_file.is_file():
-        raise CapfastError(f"SCST needs the {split} split's reference captions: {refs_file} not found "
-                           f"(`capfast convert` writes it beside {split}.beton)")
-    return refs_file
 
 
 def tables_from_references(refs_file: Path, vocab: Vocab) -> dict:

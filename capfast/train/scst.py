@@ -158,11 +158,12 @@ class SelfCritical:
 def build(cfg, data_dir, vocab, dist, amp_dtype) -> SelfCritical | None:
     """The SCST objective of a run (None for cross-entropy), with the reward tables of its training references
     (built by rank 0 first when they are not cached yet, so the other ranks read its cache)."""
-    from capfast.train.reward import load_reward, require_references
+    from capfast.store.references import require_references
+    from capfast.train.reward import load_reward
 
     if cfg.objective == "xe":
         return None
-    require_references(data_dir, cfg.data.train_split)  # on every rank, before any waits for rank 0
+    require_references(data_dir, cfg.data.train_split, "SCST")  # on every rank, before any waits for rank 0
     if dist.enabled and not dist.is_main:
         _barrier()
     reward = load_reward(data_dir, cfg.data.train_split, vocab)

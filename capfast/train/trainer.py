@@ -29,16 +29,16 @@ from capfast.common.precision import autocast_context, resolve_precision
 from capfast.data import build_loader
 from capfast.errors import CapfastError
 from capfast.models import build_captioner
-from capfast.models.checkpoint import check_finite
 from capfast.store import schema
 from capfast.store.beton import data_fingerprint
 from capfast.store.checks import check_data_dir, check_same_vocabulary, require_split
+from capfast.store.references import require_references
 from capfast.store.vocab import Vocab
 from capfast.train import resume, rng, scst, stall
 from capfast.train.config import TrainConfig, check_consistency, to_dict
 from capfast.train.init_from import initial_weights
 from capfast.train.monitor import Monitor
-from capfast.train.optim import apply_settings, build_optimizer, lr_factor, set_lr
+from capfast.train.optim import build_optimizer, lr_factor, restore_optimizer, set_lr
 from capfast.train.run_dir import RunDir
 from capfast.train.step_log import StepLog
 from capfast.train.watch import StepWatch
@@ -120,9 +120,7 @@ class Trainer:
         except CapfastError as e:
             raise CapfastError(f"data.val_split: {e} (or set eval.every_epochs=0 to train without validation)") \
                 from None
-        if not schema.refs_path(self.data_dir, split).is_file():
-            raise CapfastError(f"data.val_split: {schema.refs_path(self.data_dir, split)} not found (`capfast "
-                               f"convert` writes it beside {split}.beton)")
+        require_references(self.data_dir, split, "validation (data.val_split)")
 
     def _make_loader(self, split: str, train: bool):
         beton = schema.beton_path(self.data_dir, split)
@@ -222,9 +220,10 @@ class Trainer:
         statistics = [b.clone() for b in self.batch_statistics]  # a skipped step leaves BatchNorm's as they were
         loss = self._accumulate_gradients(micro_batches)
         grad_norm = None
-        if self.cfg.optim.grad_clip > 0:
+        if self.cfg.optim.grad_clip > 0 or not self.scaler.is_enabled():  # fp16's GradScaler finds infs itself
             self.scaler.unscale_(self.optimizer)  # no-ops unless fp16 (whose GradScaler.step reads found_inf)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            # an infinite max_norm measures without clipping: a non-finite gradient skips the step as a loss does
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
         nonfinite = ~torch.isfinite(loss) if grad_norm is None else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         if not self.scaler.is_enabled():  # fp16: GradScaler skips steps with non-finite gradients itself
             self.optimizer.found_inf = nonfinite.float()  # the fused AdamW then leaves weights and state as they are
@@ -329,8 +328,10 @@ class Trainer:
 
     def _out_of_patience(self) -> bool:
         """eval.patience validations in a row without a new best: stop (rank 0 counts, every rank follows)."""
+        if not self.cfg.eval.patience:
+            return False
         self.stale_evals = distributed.broadcast_object(self.stale_evals)
-        return bool(self.cfg.eval.patience) and self.stale_evals >= self.cfg.eval.patience
+        return self.stale_evals >= self.cfg.eval.patience
 
     def _validate_if_due(self, monitor: Monitor) -> None:
         every = self.cfg.eval.every_epochs
@@ -400,12 +401,12 @@ class Trainer:
         state, path = self.run_dir.load_latest(warn=self._note)
         check_same_vocabulary(f"checkpoint {path}", Vocab(tuple(state["vocab"])), self.data_dir / schema.VOCAB_FILE,
                               self.vocab.fingerprint())
-        self._check_same_data(path, state["data"])
+        resume.check_same_data(path, state["data"], self.data)
         changes = resume.config_changes(state["train_config"], to_dict(self.cfg))
         resume.check_resumable(path, changes, state["world_size"], self.dist.world_size,
                                mid_epoch=state["batch_in_epoch"] > 0)
         self.model.load_state_dict(state["model"])
-        self._restore_optimizer(path, state["optimizer"])
+        restore_optimizer(self.optimizer, path, state["optimizer"], self.cfg.optim)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_cider = state["best_cider"]
@@ -416,27 +417,6 @@ class Trainer:
             self.config_history.append({"step": self.step, "changes": {k: list(v) for k, v in changes.items()}})
         if len(state["rng"]) == self.dist.world_size:  # else (a new world size, at an epoch's start): fresh seeds
             rng.restore(state["rng"][self.dist.rank])
-
-    def _check_same_data(self, path: Path, recorded: dict) -> None:
-        if recorded != self.data:
-            differences = ", ".join(f"{key} {recorded.get(key)} -> {self.data[key]}" for key in self.data
-                                    if recorded.get(key) != self.data[key])
-            raise CapfastError(f"cannot resume from {path}: the training data changed since ({differences}), so "
-                               f"the run would not continue exactly; start a new run with another --out")
-
-    def _restore_optimizer(self, path: Path, saved: dict) -> None:
-        """The checkpoint's moments and step counts, with this run's lr, weight decay and betas."""
-        for index, values in saved["state"].items():
-            check_finite(path, {f"optimizer state {index}.{k}": v for k, v in values.items()}, "refusing to resume")
-        flags = [(group["encoder"], group["decay"]) for group in self.optimizer.param_groups]
-        try:
-            self.optimizer.load_state_dict(saved)
-        except ValueError:
-            raise CapfastError(f"cannot resume from {path}: its optimizer state does not fit this model's "
-                               "parameter groups (written by another capfast version?)") from None
-        for group, (encoder, decay) in zip(self.optimizer.param_groups, flags):
-            group["encoder"], group["decay"] = encoder, decay
-        apply_settings(self.optimizer, self.cfg.optim)
 
     def _note(self, message: str) -> None:
         if self.dist.is_main:
