@@ -98,7 +98,7 @@ def test_the_loader_normalizes_with_the_clip_encoder_s_constants_and_the_checkpo
     from torchvision import io as tio
 
     from capfast.data import preprocess_images
-    from capfast.models.checkpoint import load_model
+    from capfast.models.load import load_model
     from capfast.store.beton import BetonContents
     from capfast.train.config import load_config
     from capfast.train.trainer import Trainer
@@ -117,8 +117,8 @@ def test_the_loader_normalizes_with_the_clip_encoder_s_constants_and_the_checkpo
     assert (batch.images - clip).abs().max() <= 8 * level  # the CPU stage's fast IDCT: a few levels
     assert (batch.images - imagenet).abs().max() > 30 * level
     trainer.train()
-    model, _, state = load_model(tmp_path / "run" / "last.pt")
-    assert Normalization.from_dict(state["normalization"]) == CLIP_NORMALIZATION == model.normalization
+    model, record = load_model(tmp_path / "run" / "last.pt")
+    assert record.normalization == CLIP_NORMALIZATION == model.normalization
 
 
 # ---- a ViT end to end, and export ------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_a_vit_trains_resumes_evaluates_and_captions(encoder, vit_run, converted
     assert resumed.code == 0, resumed.stderr
     from capfast.models.checkpoint import load
 
-    assert load(run / "last.pt")["step"] == 2 * 32 // 8
+    assert load(run / "last.pt")["train"]["step"] == 2 * 32 // 8
     scored = capfast_cli("eval", "--checkpoint", run / "last.pt", "--data", converted, "--beam", "1",
                          "--no-meteor", "--no-blind", "--json", tmp_path / "m.json")
     assert scored.code == 0, scored.stderr
@@ -173,14 +173,14 @@ def test_export_gives_the_checkpoint_s_captions_and_unpickles_nothing(vit_run, c
     assert from_folder.code == 0 and from_folder.stdout == from_checkpoint.stdout
     import pickle
 
-    from capfast.models.checkpoint import load_model
+    from capfast.models.load import load_model
 
     def refuse(*args, **kwargs):
         raise AssertionError("unpickled")
 
     for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
         monkeypatch.setattr(module, name, refuse)  # nothing may unpickle while the folder is read
-    model, _, _ = load_model(exported)
+    model, _ = load_model(exported)
     assert model.image_size == 32
 
 
@@ -192,7 +192,7 @@ def test_init_from_takes_an_exported_folder(vit_run, converted, tmp_path, capfas
                          "--out", tmp_path / "run", f"init_from=\"{tmp_path / 'model'}\"", *TINY_RUN, "epochs=1",
                          "optim.lr=1e-12", "optim.encoder_lr=1e-12", "encoder_trainable_from_epoch=-1")
     assert result.code == 0, result.stderr
-    assert load(tmp_path / "run" / "last.pt")["model_config"]["encoder"] == "vit_b_16"
+    assert load(tmp_path / "run" / "last.pt")["model"]["model_config"]["encoder"] == "vit_b_16"
 
 
 def test_a_damaged_export_folder_is_one_line(vit_run, tmp_path, capfast_cli, synth_coco):

@@ -141,9 +141,10 @@ def test_max_images_counts_over_all_ranks(trained_run, converted):
     from capfast.data.loader import CaptionLoader, build_loader
     from capfast.data.order import Shard
     from capfast.eval.evaluate import generate_split
-    from capfast.models.checkpoint import load_model
+    from capfast.models.load import load_model
 
-    model, vocab, state = load_model(trained_run / "best.pt")
+    model, record = load_model(trained_run / "best.pt")
+    vocab = record.vocab
     settings = build_loader(converted / "val.beton", batch_size=4, train=False, image_size=32).settings
     ids = []
     for rank in (0, 1):

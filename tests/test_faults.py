@@ -81,7 +81,7 @@ def assert_clean_error(result, *needles):
 
 
 def last_step(out: Path) -> int:
-    return checkpoint.load(out / "last.pt")["step"]
+    return checkpoint.load(out / "last.pt")["train"]["step"]
 
 
 def wait_until_gone(processes, timeout: float = 60) -> None:
@@ -200,7 +200,7 @@ def test_non_finite_steps_are_skipped_without_changing_the_weights(converted, tm
                          "checkpoint_every=1", "nonfinite_skips=10")
     assert result.code == 0, result.stderr  # 3 non-finite steps in a row: fewer than 10
     seventh, eighth = (checkpoint.load(out / "checkpoints" / f"step-0000000{s}.pt") for s in (7, 8))
-    assert all(torch.equal(seventh["model"][k], v) for k, v in eighth["model"].items())
+    assert all(torch.equal(seventh["model"]["weights"][k], v) for k, v in eighth["model"]["weights"].items())
     moments = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(seventh["optimizer"]["state"].values(),
                                                               eighth["optimizer"]["state"].values())]
     assert all(torch.equal(a, b) for a, b in moments)
@@ -248,7 +248,7 @@ def resume_cli(capfast_cli, data, out, *overrides):
 def test_a_checkpoint_with_a_nan_weight_is_refused(one_epoch, converted, tmp_path, capfast_cli):
     out = copy_run(one_epoch, tmp_path)
     state = checkpoint.load(out / "last.pt")
-    state["model"]["decoder.tok_emb.weight"][3, 5] = float("nan")
+    state["model"]["weights"]["decoder.tok_emb.weight"][3, 5] = float("nan")
     (out / "last.pt").unlink()  # a file of its own, not a link into checkpoints/
     torch.save(state, out / "last.pt")
     shutil.rmtree(out / "checkpoints")
@@ -325,7 +325,7 @@ def test_kill_9_while_saving_every_step_leaves_a_loadable_last_pt(converted, tmp
     run.wait_for_step(3)
     run.process.kill()  # most of a step here goes to writing its checkpoint
     run.wait()
-    assert checkpoint.load(out / "last.pt")["step"] >= 2
+    assert checkpoint.load(out / "last.pt")["train"]["step"] >= 2
     finish = train_run(converted, out, *LONG, "checkpoint_every=1", f"max_steps={last_step(out) + 2}",
                        flags=["--auto-resume"])
     assert finish.wait() == 0, finish.stderr
@@ -389,7 +389,7 @@ def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_checkpoint(one_epoch, c
     errors = [line for line in run.errors if "error" in line]
     assert len(errors) == 1 and "cannot write checkpoint" in errors[0] and "File too large" in errors[0], run.stderr
     assert "Traceback" not in run.stderr
-    assert (out / "last.pt").read_bytes() == before and checkpoint.load(out / "last.pt")["step"] == 4
+    assert (out / "last.pt").read_bytes() == before and checkpoint.load(out / "last.pt")["train"]["step"] == 4
 
 
 def test_validation_asked_for_needs_its_split_at_start(converted, tmp_path, capfast_cli):
@@ -430,8 +430,9 @@ def test_torchrun_restarts_a_killed_group_which_resumes_exactly(converted, tmp_p
     rank1.kill()
     assert cut.wait(timeout=300) == 0, cut.stderr[-3000:]
     a, b = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "cut" / "last.pt")
-    assert a["step"] == b["step"] == 8
-    assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
+    assert a["train"]["step"] == b["train"]["step"] == 8
+    a, b = a["model"]["weights"], b["model"]["weights"]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 # ---- damaged data ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from test_train import TINY as TRAIN_TINY
 from test_train import assert_clean_error
 
 from capfast.models import ModelConfig, build_captioner, checkpoint
+from capfast.models.run_dir import RunDir
 from capfast.models.sampling import sample_captions
 from capfast.train.config import load_config
 
@@ -150,7 +152,7 @@ def test_scst_run_logs_its_scalars_and_resumes_exactly(converted, xe_checkpoint,
     assert all(1 <= v <= 8 for v in full["scst/sample_len"].values())
     assert all(v == pytest.approx(0, abs=1e-9) for v in full["scst/advantage"].values())  # mean baseline
     assert (converted / "cider_train.npz").is_file()
-    start, end = checkpoint.load(xe_checkpoint)["model"], checkpoint.load(tmp_path / "full" / "last.pt")["model"]
+    start, end = (checkpoint.load(p)["model"]["weights"] for p in (xe_checkpoint, tmp_path / "full" / "last.pt"))
     # trainable (cpu_smoke)
     assert not torch.equal(start["encoder.trunk.conv1.weight"], end["encoder.trunk.conv1.weight"])
 
@@ -161,7 +163,7 @@ def test_scst_in_bf16_with_a_frozen_encoder(converted, xe_checkpoint, tmp_path, 
     scalars = tb_scalars(tmp_path / "run")
     assert sorted(scalars["scst/reward"]) == [1, 2] and max(scalars["scst/reward"].values()) > 0
     assert all(torch.isfinite(torch.tensor(v)) for v in scalars["train/loss"].values())
-    start, end = checkpoint.load(xe_checkpoint)["model"], checkpoint.load(tmp_path / "run" / "last.pt")["model"]
+    start, end = (checkpoint.load(p)["model"]["weights"] for p in (xe_checkpoint, tmp_path / "run" / "last.pt"))
     trunk = [name for name in start if name.startswith("encoder.trunk.")]
     assert trunk and all(torch.equal(start[name], end[name]) for name in trunk)  # weights and BN statistics
     assert not torch.equal(start["decoder.tok_emb.weight"], end["decoder.tok_emb.weight"])
@@ -206,8 +208,9 @@ def test_start_is_validated_kept_as_best_and_patience_stops_also_across_a_resume
              "eval.every_epochs=1", "eval.patience=2", "eval.beam_size=1"]
     summary = train(converted, tmp_path / "full", *still)
     assert summary["epoch"] == 2 and summary["last_cider"] == summary["best_cider"]
-    best = checkpoint.load(tmp_path / "full" / "best.pt")
-    assert best["step"] == 0 and best["best_cider"] == summary["best_cider"]
+    assert checkpoint.load(tmp_path / "full" / "best.pt")["train"]["step"] == 0
+    assert RunDir(tmp_path / "full").validations().best() == {"step": 0, "epoch": 0, "metrics": ANY}
+    assert RunDir(tmp_path / "full").validations().best()["metrics"]["CIDEr"] == summary["best_cider"]
 
     train(converted, tmp_path / "cut", *still, "max_steps=4")  # one epoch of 4 steps
     resumed = train(converted, tmp_path / "cut", *still, resume=True)
@@ -237,7 +240,7 @@ def test_bad_scst_inputs(converted, xe_checkpoint, tmp_path, capfast_cli):
     assert_clean_error(result, "init_from checkpoint not found")
 
     state = torch.load(xe_checkpoint, weights_only=False)
-    state["vocab"] = state["vocab"][:-1]
+    state["model"]["vocab"] = state["model"]["vocab"][:-1]
     torch.save(state, tmp_path / "other_vocab.pt")
     result = scst_cli(capfast_cli, converted, tmp_path / "b", f"init_from=\"{tmp_path / 'other_vocab.pt'}\"")
     assert_clean_error(result, "different vocabulary")

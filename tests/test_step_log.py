@@ -76,7 +76,7 @@ def sync_debug_mode(mode):
 def test_steady_state_train_steps_never_wait_for_the_gpu(converted, tmp_path, tb_scalars, overrides):
     """The real loop (_run_steps) on resident batches, the loader left out: its own syncs are its business, and
     sync debug mode is process-wide. Only StepLog's deliberate lagged wait is let through."""
-    from capfast.train.monitor import Monitor
+    from capfast.train.reporter import Reporter
     from capfast.train.trainer import Trainer
 
     cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*TINY, "device=cuda", "data.batch_size=4", "epochs=10",
@@ -87,16 +87,16 @@ def test_steady_state_train_steps_never_wait_for_the_gpu(converted, tmp_path, tb
         batches = [next(epoch) for _ in range(8)]
     lagged_wait = trainer.step_log._wait
     trainer.step_log._wait = lambda mark: _permitted(lagged_wait, mark)
-    monitor = Monitor(tmp_path / "run" / "tb", True, cfg, trainer.stop_step, 0)
+    reporter = Reporter(tmp_path / "run" / "tb", True, cfg, trainer.stop_step, 0)
     accum = cfg.optim.grad_accum
     warmup = 2 // accum  # cudnn autotuning, lazy optimizer state
-    trainer._run_steps(iter(batches[:2]), warmup, monitor)
+    trainer._run_steps(iter(batches[:2]), warmup, reporter)
     torch.cuda.synchronize()
     with sync_debug_mode("error"):
-        trainer._run_steps(iter(batches[2:]), 6 // accum, monitor)
+        trainer._run_steps(iter(batches[2:]), 6 // accum, reporter)
         assert len(trainer.step_log.pending) <= trainer.step_log.depth
-    monitor.steps(trainer.step_log.drain())
-    monitor.close(True)
+    reporter.steps(trainer.step_log.drain())
+    reporter.close(True)
     scalars = tb_scalars(tmp_path / "run")
     assert sorted(scalars["train/loss"]) == list(range(1, 8 // accum + 1))
     assert all(torch.isfinite(torch.tensor(v)) for v in scalars["train/loss"].values())

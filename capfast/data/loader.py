@@ -249,20 +249,21 @@ class CaptionLoader:
 
             failed = undecodable(out[schema.IMAGE])
             if len(failed):
-                self._undecodable(epoch, b, int(failed[0]), out, "libjpeg-turbo could not decode it")
+                raise self._undecodable(epoch, b, int(failed[0]), out, "libjpeg-turbo could not decode it")
             return Batch(self._stage_images(out[schema.IMAGE]), *self._labels(out))
         boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
         with single_torch_thread():
             images = self._images(out, boxes, factors, epoch, b)
         return Batch(images, *self._labels(out))
 
-    def _undecodable(self, epoch: int, b: int, i: int | None, out: dict, why: str):
+    def _undecodable(self, epoch: int, b: int, i: int | None, out: dict, why: str) -> CapfastError:
+        """The error for a batch that does not decode, naming its record `i` (None: no single JPEG is at fault)."""
         if i is None:
-            raise CapfastError(f"{self.beton}: batch {b} of epoch {epoch} does not decode on "
+            return CapfastError(f"{self.beton}: batch {b} of epoch {epoch} does not decode on "
                                f"{self.settings.device} ({why}), though each of its JPEGs decodes on the CPU")
         record = int(self.rank_order(epoch)[b * self.settings.batch_size + i])
         image_id = int(out[schema.IMAGE_ID].view(-1)[i])
-        raise CapfastError(f"{self.beton}: record {record} (image {image_id}) is not a valid JPEG: {why}; "
+        return CapfastError(f"{self.beton}: record {record} (image {image_id}) is not a valid JPEG: {why}; "
                            f"convert the split again")
 
     def _stage_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -311,7 +312,7 @@ class CaptionLoader:
         try:
             decoded = decode_jpegs(jpegs, self.settings.device)
         except RuntimeError as error:  # nvJPEG and torchvision raise for the whole batch
-            self._undecodable(epoch, b, first_undecodable(jpegs), out, str(error).splitlines()[0])
+            raise self._undecodable(epoch, b, first_undecodable(jpegs), out, str(error).splitlines()[0]) from None
         sizes = info[:, :2]
         if bool((sizes == sizes[0]).all()):
             return torch.stack(decoded)

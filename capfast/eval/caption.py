@@ -47,9 +47,10 @@ def command(images, checkpoint_path, beam_size, max_len, device, as_json):
     """Caption IMAGES. A file that cannot be read gets an error line; the others are still captioned,
     and the exit code is non-zero if any failed."""
     from capfast.common.precision import resolve_device
-    from capfast.models.checkpoint import load_model
+    from capfast.models.load import load_model
 
-    model, vocab, state = load_model(checkpoint_path, resolve_device(device))
+    model, record = load_model(checkpoint_path, resolve_device(device))
+    vocab = record.vocab
     readable, tensors, failed = [], [], 0
     for path in images:
         try:

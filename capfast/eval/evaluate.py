@@ -168,13 +168,14 @@ def command(data_dir, split, checkpoint_path, beam_size, max_len, device, batch_
     The "blind" column is the same model given a blank image instead of each image."""
     from capfast.common import distributed
     from capfast.data import build_loader
-    from capfast.models.checkpoint import load_model
+    from capfast.models.load import load_model
     from capfast.store.checks import check_split_vocab, require_split
 
     device, dist_info = distributed.setup(device)
     try:
         beton = require_split(data_dir, split)
-        model, vocab, state = load_model(checkpoint_path, device)
+        model, record = load_model(checkpoint_path, device)
+        vocab = record.vocab
         check_split_vocab(data_dir, split, vocab, what=f"checkpoint {checkpoint_path}")
         loader = build_loader(beton, batch_size=-(-batch_size // dist_info.world_size), train=False,
                               device=device, image_size=model.image_size, normalization=model.normalization,

@@ -46,9 +46,6 @@ class ModelConfig:
     lstm_hidden: int = option(512, min=1)
     attn_dim: int = option(512, min=1)
     embed_dim: int = option(512, min=1)
-    pad_id: int = option(Vocab.pad_id, min=0)
-    bos_id: int = option(Vocab.bos_id, min=0)
-    eos_id: int = option(Vocab.eos_id, min=0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -83,7 +80,7 @@ class Captioner(nn.Module):
     def __init__(self, cfg: ModelConfig, encoder: Encoder, decoder: nn.Module, vocab_size: int, image_size: int):
         super().__init__()
         self.cfg, self.vocab_size, self.image_size = cfg, vocab_size, image_size
-        self.pad_id, self.bos_id, self.eos_id = cfg.pad_id, cfg.bos_id, cfg.eos_id
+        self.pad_id, self.bos_id, self.eos_id = Vocab.pad_id, Vocab.bos_id, Vocab.eos_id  # the vocabulary's alone
         self.encoder, self.decoder = encoder, decoder
 
     @property

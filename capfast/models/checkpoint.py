@@ -1,10 +1,8 @@
-"""Checkpoints: one dict per file, self-describing enough to caption without the data directory, and safe to
-load whoever made them.
+"""Checkpoint files: one dict per file, safe to load whoever made them.
 
-Keys: format, version, model_config (dict for capfast.models.ModelConfig), model (state_dict), vocab (list of
-words), image_size, train_config (dict), and for resuming: optimizer, scaler, step, epoch, batch_in_epoch,
-best_cider, metrics, world_size, rng (one entry per rank), data (the training data's fingerprint),
-config_history.
+A checkpoint of `capfast train` holds four parts, each with its own state_dict: "model" (the ModelRecord:
+capfast/models/record.py), "train" (where the run stands: capfast/train/state.py), "optimizer" and "scaler".
+Version 2 (flat keys, before those parts) still loads for using its model; resuming needs version 3.
 
 Only tensors, numbers, strings, None, lists, tuples and dicts: load() reads with torch.load(weights_only=True),
 which refuses anything else without running it, so a checkpoint from someone else cannot run code here. Before
@@ -20,17 +18,19 @@ from pathlib import Path
 import torch
 
 from capfast.common.io import atomic_path
-from capfast.common.normalization import Normalization
 from capfast.errors import CapfastError
+from capfast.models.record import DESCRIPTION_KEYS, check_finite
 
 FORMAT = "capfast-checkpoint"
-VERSION = 2  # 1 kept numpy RNG objects, which only a full unpickling reads
+VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 1 kept numpy RNG objects, which only a full unpickling reads
 
 
 def save(state: dict, path: Path) -> None:
-    """Writes `state` to `path` atomically; on failure (a full disk) `path` is as it was."""
+    """Writes `state` ({"model": ModelRecord.state_dict(), ...}) to `path` atomically; on failure (a full disk)
+    `path` is as it was."""
     state = {"format": FORMAT, "version": VERSION, **state}
-    check_finite(path, state["model"], "refusing to write it")
+    check_finite(f"checkpoint {path}", state["model"]["weights"], "refusing to write it")
     try:
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as file:
             _save_to(file, state)
@@ -67,6 +67,8 @@ class _Writer:
 
 
 def load(path: Path, map_location="cpu") -> dict:
+    """The checkpoint's parts: {"version", "model", "train", ...}; a version-2 file gives "model" and, of "train",
+    what says where the model comes from (step, epoch, data, metrics)."""
     path = Path(path)
     if not path.is_file():
         raise CapfastError(f"checkpoint not found: {path}")
@@ -81,10 +83,20 @@ def load(path: Path, map_location="cpu") -> dict:
         raise CapfastError(f"cannot read checkpoint {path}: not a valid torch file ({e.__class__.__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CapfastError(f"{path} is not a capfast checkpoint")
-    if state.get("version") != VERSION:
-        raise CapfastError(f"{path} is checkpoint version {state.get('version')}, this capfast reads {VERSION}")
-    check_finite(path, state["model"], "refusing to load it")
+    if state.get("version") not in READABLE_VERSIONS:
+        raise CapfastError(f"{path} is checkpoint version {state.get('version')}, this capfast reads "
+                           f"{' and '.join(map(str, READABLE_VERSIONS))}")
+    if state["version"] == 2:
+        state = _version_2_model(state)
+    check_finite(f"checkpoint {path}", state["model"]["weights"], "refusing to load it")
     return state
+
+
+def _version_2_model(state: dict) -> dict:
+    """Version 2 kept the model's record as flat keys beside the training state's."""
+    model = {key: state[key] for key in DESCRIPTION_KEYS}
+    return {"version": 2, "model": {**model, "weights": state["model"]},
+            "train": {key: state[key] for key in ("step", "epoch", "data", "metrics")}}
 
 
 def verify_archive(path: Path) -> None:
@@ -97,38 +109,3 @@ def verify_archive(path: Path) -> None:
     if damaged is not None:
         raise CapfastError(f"checkpoint {path} is damaged: {damaged} does not match its checksum (a bit changed "
                            "on disk or in transit)")
-
-
-def check_finite(path, tensors: dict, action: str) -> None:
-    """CapfastError naming the first floating tensor of `tensors` (a state_dict) with a NaN or an infinity."""
-    for name, tensor in tensors.items():
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CapfastError(f"checkpoint {path}: {name} holds NaN or infinite values; {action}")
-
-
-def load_model(path: Path, device="cpu"):
-    """(model in eval mode on `device`, Vocab, checkpoint dict) for evaluation and captioning, from a checkpoint
-    or a folder of `capfast export`."""
-    from capfast.models import ModelConfig, build_captioner
-    from capfast.models.export import is_exported, load_exported
-    from capfast.store.vocab import Vocab
-
-    if is_exported(path):
-        model, state = load_exported(Path(path))
-        return model.to(device).eval(), Vocab(tuple(state["vocab"])), state
-    state = load(path)
-    vocab = Vocab(tuple(state["vocab"]))
-    model = build_captioner(ModelConfig.from_dict(state["model_config"]), vocab_size=len(vocab),
-                            image_size=state["image_size"],
-                            load_encoder_weights=False)  # the checkpoint holds the trained weights
-    check_normalization(path, model, Normalization.from_dict(state["normalization"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), vocab, state
-
-
-def check_normalization(path, model, recorded: Normalization) -> None:
-    """The model was trained on images normalized with `recorded`: its encoder must still declare the same."""
-    if model.normalization != recorded:
-        raise CapfastError(f"{path} was trained with input normalization {recorded.to_dict()}, but encoder "
-                           f"{model.cfg.encoder} now declares {model.normalization.to_dict()} (another timm or "
-                           f"torchvision version?)")

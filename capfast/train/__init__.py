@@ -1,1 +1,1 @@
-"""`capfast train`: the config, the Trainer loop, its optimizer, objectives (cross-entropy, SCST) and monitoring."""
+"""`capfast train`: config, the Trainer loop, optimizer, objectives (cross-entropy, SCST), what watches and reports."""

@@ -51,7 +51,7 @@ def command(config_path, data_dir, out_dir, resume, auto_resume, nproc, override
     if int(os.environ.get("RANK", "0")) != 0:
         return run(cfg, data_dir, out_dir, resumes(out_dir, resume, auto_resume))
     from capfast.common.lock import RunLock
-    from capfast.train.run_dir import RunDir
+    from capfast.models.run_dir import RunDir
 
     ensure_writable_dir(out_dir, "--out")
     with RunLock(out_dir):
@@ -73,7 +73,6 @@ def resumes(out_dir: Path, resume: bool, auto_resume: bool) -> bool:
 def run(cfg, data_dir: Path, out_dir: Path, resume: bool) -> None:
     from capfast.common import distributed
     from capfast.common.signals import StopRequest
-    from capfast.train.config import to_dict
     from capfast.train.resume import describe
     from capfast.train.trainer import Trainer
 
@@ -81,9 +80,9 @@ def run(cfg, data_dir: Path, out_dir: Path, resume: bool) -> None:
         trainer = Trainer(cfg, data_dir, out_dir, resume=resume)
         if trainer.dist.is_main:
             if trainer.config_changes:
-                click.echo(f"capfast: note: resuming at step {trainer.step} with changed settings: "
+                click.echo(f"capfast: note: resuming at step {trainer.state.step} with changed settings: "
                            f"{describe(trainer.config_changes)}", err=True)
-            run_config = {**to_dict(cfg), "history": trainer.config_history}
+            run_config = {**trainer.state.config, "history": trainer.state.config_history}
             atomic_write_text(out_dir / "config.json", json.dumps(run_config, indent=2))
         # Only while it trains: before that a signal ends the process at once, as it has nothing to save.
         with StopRequest(cfg.stop_signals) as stop:

@@ -19,6 +19,9 @@ so a new key is safe to resume across only once someone has said so here.
 """
 
 from capfast.errors import CapfastError
+from capfast.models import checkpoint
+from capfast.models.record import ModelRecord
+from capfast.train.state import TrainState
 
 FIXED_PREFIXES = ("model.", "scst.")
 FIXED_KEYS = ("data.train_split", "data.image_size", "data.batch_size", "data.order", "data.crop_scale",
@@ -31,6 +34,27 @@ SAFE_KEYS = ("epochs", "max_steps", "optim.lr", "optim.encoder_lr", "optim.weigh
              "checkpoint_every", "compile", "channels_last", "device", "keep_last", "stop_signals",
              "dist_timeout_s", "nonfinite_skips",
              "init_from")  # read only when a run starts; a resumed run's weights come from last.pt
+
+
+def model_config(saved: dict, path, configured):
+    """The model config a resumed run trains: its checkpoint's when the run started from init_from (which chose
+    the architecture; init_from is not read again), else `configured` (a change to it is refused with the others)."""
+    if saved["version"] != checkpoint.VERSION:
+        raise CapfastError(f"cannot resume from {path}: it is checkpoint version {saved['version']}, and this capfast "
+                           f"resumes version {checkpoint.VERSION} only; start a new run from it with init_from={path}")
+    before = TrainState.from_state_dict(saved["train"], path)
+    if before.config.get("init_from"):
+        return ModelRecord.from_state_dict(saved["model"], f"checkpoint {path}").config
+    return configured
+
+
+def check(path, before: TrainState, now: TrainState) -> dict[str, tuple]:
+    """The config changes from the checkpoint `before` (read from `path`) to the resumed run `now`, once the
+    data, the refused keys and the number of processes are checked."""
+    check_same_data(path, before.data, now.data)
+    changes = config_changes(before.config, now.config)
+    check_resumable(path, changes, before.world_size, now.world_size, mid_epoch=before.mid_epoch)
+    return changes
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -76,6 +100,11 @@ def check_same_data(path, recorded: dict, current: dict) -> None:
                                 if recorded.get(key) != current[key])
         raise CapfastError(f"cannot resume from {path}: the training data changed since ({differences}), so "
                            f"the run would not continue exactly; start a new run with another --out")
+
+
+def as_lists(changes: dict) -> dict:
+    """{key: [old, new]}: how config.json and the checkpoints record a resume's changes."""
+    return {key: list(values) for key, values in changes.items()}
 
 
 def describe(changes: dict) -> str:

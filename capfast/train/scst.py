@@ -24,6 +24,7 @@ import torch
 
 from capfast.common.precision import autocast_context
 from capfast.models.sampling import sample_captions
+from capfast.store.vocab import Vocab
 
 MIN_LEN = 1  # no empty captions
 
@@ -40,7 +41,7 @@ class SelfCritical:
     def __init__(self, cfg, reward, *, rank: int, amp_dtype):
         self.cfg, self.reward = cfg.scst, reward
         self.seed, self.rank, self.amp_dtype = cfg.seed, rank, amp_dtype
-        self.pad_id, self.bos_id, self.eos_id = cfg.model.pad_id, cfg.model.bos_id, cfg.model.eos_id
+        self.pad_id, self.bos_id, self.eos_id = Vocab.pad_id, Vocab.bos_id, Vocab.eos_id
         self._generators = {}
         self._bans = {}
         self._reset_stats()

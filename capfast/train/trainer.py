@@ -5,12 +5,14 @@ once per image and the decoder on all K captions; the loss is normalized by the 
 N ranks × B/N images give the same gradient as 1 rank × B images.
 
 Faults (README, "Faults and restarts"): a stop signal ends the run at a step every rank agrees on, after
-saving (watch.py); a non-finite step is skipped on the device and, past `nonfinite_skips`, ends the run without
-a checkpoint (watch.py); a rank without a step for `dist_timeout_s` ends the job naming the ranks behind
-(stall.py); checkpoints are verified, rotated and hold every rank's RNG and the data's fingerprint (run_dir.py).
+saving (step_watch.py); a non-finite step is skipped on the device and, past `nonfinite_skips`, ends the run without
+a checkpoint (step_watch.py); a rank without a step for `dist_timeout_s` ends the job naming the ranks behind
+(stall_watch.py); checkpoints are verified, rotated and hold every rank's RNG and the data's fingerprint
+(models/run_dir.py, train/state.py). Each step is saved at most once; a validation follows its step's save.
 """
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import random
@@ -29,98 +31,127 @@ from capfast.common.precision import autocast_context, resolve_precision
 from capfast.data import build_loader
 from capfast.errors import CapfastError
 from capfast.models import build_captioner
+from capfast.models.record import ModelRecord
+from capfast.models.run_dir import RunDir, ValidationLog
 from capfast.store import schema
 from capfast.store.beton import data_fingerprint
 from capfast.store.checks import check_data_dir, check_same_vocabulary, require_split
 from capfast.store.references import require_references
 from capfast.store.vocab import Vocab
-from capfast.train import resume, rng, scst, stall
+from capfast.train import resume, rng, scst, stall_watch
 from capfast.train.config import TrainConfig, check_consistency, to_dict
-from capfast.train.init_from import initial_weights
-from capfast.train.monitor import Monitor
+from capfast.train.init_from import initial_model
 from capfast.train.optim import build_optimizer, lr_factor, restore_optimizer, set_lr
-from capfast.train.run_dir import RunDir
+from capfast.train.reporter import Reporter
+from capfast.train.state import TrainState
 from capfast.train.step_log import StepLog
-from capfast.train.watch import StepWatch
+from capfast.train.step_watch import StepWatch
 
 STALL_MARGIN_S = 60  # the process group's timeout exceeds dist_timeout_s, so that StallWatch speaks first
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = False, stop=None):
-        self.cfg = cfg
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
         self.stop = stop  # a capfast.common.signals.StopRequest, or None
+        self.run_dir = RunDir(self.out_dir, cfg.keep_last)
+        self._set_up_runtime(cfg)
+        self.vocab = self._checked_data(cfg)
+        saved, path = self.run_dir.load_latest(warn=self._note) if resume else (None, None)
+        self.cfg, weights = self._model_config(cfg, saved, path)
+        self._build_model(weights, pretrained=saved is None and weights is None)
+        self._build_train_data()
+        self.state = TrainState(world_size=self.dist.world_size, config=to_dict(self.cfg),
+                                data=data_fingerprint(schema.beton_path(self.data_dir, self.cfg.data.train_split)))
+        self._seed_ranks()
+        self.validations, self.validated_steps, self.saved_step = ValidationLog(), set(), None
+        self.config_changes = self._restore(saved, path) if resume else {}
+        self._build_watches()
+
+    # ---- set-up --------------------------------------------------------------------------------------
+
+    def _set_up_runtime(self, cfg: TrainConfig) -> None:
+        """The device, the process group and the autocast dtype."""
         self.device, self.dist = distributed.setup(cfg.device, timeout_s=cfg.dist_timeout_s + STALL_MARGIN_S)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.vocab = check_data_dir(self.data_dir, cfg.data.train_split)
-        self._check_validation_data()
+
+    def _checked_data(self, cfg: TrainConfig) -> Vocab:
+        """The data's vocabulary, once the training split and (when validation is asked for) the validation
+        split and its references are there: refused up front, before any work."""
+        vocab = check_data_dir(self.data_dir, cfg.data.train_split)
+        if cfg.eval.every_epochs:
+            split = cfg.data.val_split
+            try:
+                require_split(self.data_dir, split)
+            except CapfastError as e:
+                raise CapfastError(f"data.val_split: {e} (or set eval.every_epochs=0 to train without "
+                                   f"validation)") from None
+            require_references(self.data_dir, split, "validation (data.val_split)")
         if cfg.data.batch_size % self.dist.world_size:
             raise CapfastError(f"data.batch_size={cfg.data.batch_size} does not split evenly over "
                                f"{self.dist.world_size} processes")
-        self.step = self.epoch = self.batch_in_epoch = 0
-        self.best_cider = -math.inf
-        self.last_cider = None     # the latest validation's CIDEr in this process's run
-        self.stale_evals = 0       # validations in a row without a new best CIDEr (eval.patience)
-        self.config_changes = {}   # on resume: {key: (checkpoint's value, this run's value)}, all applied
-        self.config_history = []   # every resume's changes: [{"step", "changes"}], kept in the checkpoints
+        return vocab
 
-        weights = initial_weights(cfg, self.vocab)  # init_from: also adopts that checkpoint's cfg.model
+    def _model_config(self, cfg: TrainConfig, saved: dict | None, path) -> tuple[TrainConfig, dict | None]:
+        """The run's config with the model it trains, and the weights it starts from (None: fresh or resumed).
+        A run from init_from trains that checkpoint's architecture; resumed, its model comes from its checkpoint,
+        and init_from is not read again."""
+        weights = None
+        if saved is not None:
+            model = resume.model_config(saved, path, cfg.model)
+        elif cfg.init_from:
+            model, weights = initial_model(cfg.init_from, self.vocab, cfg.data.image_size)
+        else:
+            model = cfg.model
+        cfg = dataclasses.replace(cfg, model=model)
         check_consistency(cfg)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = build_captioner(cfg.model, vocab_size=len(self.vocab), image_size=cfg.data.image_size,
-                                     load_encoder_weights=not resume and weights is None).to(self.device)
+        return cfg, weights
+
+    def _build_model(self, weights: dict | None, pretrained: bool) -> None:
+        """The model (identical initial weights on every rank), its objective, optimizer and gradient scaler."""
+        torch.manual_seed(self.cfg.seed)
+        self.model = build_captioner(self.cfg.model, vocab_size=len(self.vocab), image_size=self.cfg.data.image_size,
+                                     load_encoder_weights=pretrained).to(self.device)
         if weights is not None:
             self.model.load_state_dict(weights)
-        self.scst = scst.build(cfg, self.data_dir, self.vocab, self.dist, self.amp_dtype)  # None for "xe"
-        if cfg.channels_last:
+        if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scst = scst.build(self.cfg, self.data_dir, self.vocab, self.dist, self.amp_dtype)  # None for "xe"
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.train_loader = self._make_loader(cfg.data.train_split, train=True)
-        self.steps_per_epoch = len(self.train_loader) // cfg.optim.grad_accum
+
+    def _build_train_data(self) -> None:
+        """The training loader and the schedule's length in optimizer steps."""
+        self.train_loader = self._make_loader(self.cfg.data.train_split, train=True)
+        self.val_loader = None  # built at the first validation
+        self.steps_per_epoch = len(self.train_loader) // self.cfg.optim.grad_accum
         if self.steps_per_epoch == 0:
             raise CapfastError(f"the training split has fewer than data.batch_size × optim.grad_accum = "
-                               f"{cfg.data.batch_size * cfg.optim.grad_accum} images")
-        self.total_steps = self.steps_per_epoch * cfg.epochs  # the schedule's length, whatever max_steps says
-        self.stop_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+                               f"{self.cfg.data.batch_size * self.cfg.optim.grad_accum} images")
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs  # the schedule's length, whatever max_steps says
+        self.stop_step = min(self.total_steps, self.cfg.max_steps) if self.cfg.max_steps else self.total_steps
 
-        random.seed(cfg.seed + self.dist.rank)
-        np.random.seed(cfg.seed + self.dist.rank)
-        torch.manual_seed(cfg.seed + 1 + self.dist.rank)  # dropout differs per rank, as it should
-        self.run_dir = RunDir(self.out_dir, cfg.keep_last)
-        self.data = data_fingerprint(schema.beton_path(self.data_dir, cfg.data.train_split))
-        self.saved_rngs = None
-        if resume:
-            self._restore()
+    def _seed_ranks(self) -> None:
+        random.seed(self.cfg.seed + self.dist.rank)
+        np.random.seed(self.cfg.seed + self.dist.rank)
+        torch.manual_seed(self.cfg.seed + 1 + self.dist.rank)  # dropout differs per rank, as it should
+
+    def _build_watches(self) -> None:
+        """What watches the steps: the StepLog's records (stop requests, non-finite steps) and stalled ranks."""
         self.encoder_trainable = None
         self.batch_statistics = []  # BatchNorm buffers a step updates (set with the encoder's trainability)
         self.train_model = None
-        self.val_loader = None
         self.step_log = StepLog(self.device)
-        self.watch = StepWatch(self.step_log.depth if self.dist.enabled else 0, cfg.nonfinite_skips)
-        self.stall = stall.StallWatch(self.dist.rank, self.dist.world_size, cfg.dist_timeout_s) \
-            if self.dist.enabled and stall.available() else None
+        self.watch = StepWatch(self.step_log.depth if self.dist.enabled else 0, self.cfg.nonfinite_skips)
+        self.stall = stall_watch.StallWatch(self.dist.rank, self.dist.world_size, self.cfg.dist_timeout_s) \
+            if self.dist.enabled and stall_watch.available() else None
         self.last_step_time = 0.0
+        self.last_cider = None  # the latest validation's CIDEr in this process's run
         self.stopped = False
-
-    # ---- setup helpers -------------------------------------------------------------------------------
-
-    def _check_validation_data(self) -> None:
-        """Validation asked for (eval.every_epochs > 0) needs its split and references: refused up front."""
-        split = self.cfg.data.val_split
-        if not self.cfg.eval.every_epochs:
-            return
-        try:
-            require_split(self.data_dir, split)
-        except CapfastError as e:
-            raise CapfastError(f"data.val_split: {e} (or set eval.every_epochs=0 to train without validation)") \
-                from None
-        require_references(self.data_dir, split, "validation (data.val_split)")
 
     def _make_loader(self, split: str, train: bool):
         beton = schema.beton_path(self.data_dir, split)
@@ -155,49 +186,58 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------
 
     def train(self) -> dict:
-        monitor = Monitor(self.out_dir / "tb", self.dist.is_main, self.cfg, self.stop_step, self.step)
+        reporter = Reporter(self.out_dir / "tb", self.dist.is_main, self.cfg, self.stop_step, self.state.step)
         succeeded = False
         try:
-            if self._validates_start():
-                self._validate(monitor)  # best.pt starts as the init_from model: a run never ends below its start
-            while self.epoch < self.cfg.epochs and not self._done() and not self._out_of_patience():
-                self._set_encoder_trainable(self.epoch)
-                self._train_epoch(monitor)
-                finished = self.batch_in_epoch >= self.steps_per_epoch * self.cfg.optim.grad_accum
-                if finished:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                self.stopped = self.watch.stopping(self.step, drained=True)
-                if finished or self.stopped:
-                    self._save()  # the epoch's checkpoint comes before its validation
-                if self.stopped or not finished:
-                    break  # a stop request, or max_steps mid-epoch (last.pt records where to resume)
-                self._validate_if_due(monitor)
+            self._run(reporter)
             succeeded = True
         finally:
-            monitor.close(succeeded)
+            reporter.close(succeeded)
             if self.stall is not None:
                 self.stall.close()
-        return {"step": self.step, "epoch": self.epoch, "best_cider": self.best_cider, "last_cider": self.last_cider,
+        best = self.validations.best()
+        return {"step": self.state.step, "epoch": self.state.epoch, "last_cider": self.last_cider,
+                "best_cider": best["metrics"].get("CIDEr", -math.inf) if best else -math.inf,
                 "stopped": self.stopped}
 
-    def _done(self) -> bool:
-        return self.step >= self.stop_step
+    def _run(self, reporter: Reporter) -> None:
+        """Epochs, each saved at its end and then validated when due, until the run is done or stopped."""
+        while True:
+            if self._validation_due():
+                self._validate(reporter)
+            if self._finished():
+                return
+            self._set_encoder_trainable(self.state.epoch)
+            completed = self._train_epoch(reporter)
+            self.stopped = self.watch.stopping(self.state.step, drained=True)
+            self._save()
+            if self.stopped or not completed:
+                return  # a stop request, or max_steps mid-epoch (last.pt records where to resume)
 
-    def _train_epoch(self, monitor: Monitor) -> None:
-        accum = self.cfg.optim.grad_accum
-        steps = self.steps_per_epoch - self.batch_in_epoch // accum  # batch_in_epoch counts whole steps
-        epoch = self.train_loader.epoch(self.epoch, skip_batches=self.batch_in_epoch)
-        with contextlib.closing(epoch), self._watched_for_stalls():
-            self._run_steps(epoch, steps, monitor)
-        self._read_records(self.step_log.drain(), monitor, drained=True)
-        monitor.epoch_done(self.epoch)
+    def _done(self) -> bool:
+        return self.state.step >= self.stop_step
+
+    def _finished(self) -> bool:
+        return self.state.epoch >= self.cfg.epochs or self._done() or self._out_of_patience()
+
+    def _train_epoch(self, reporter: Reporter) -> bool:
+        """Trains the current epoch from where it stands: True when it ended, False when max_steps or a stop
+        request came first."""
+        epoch = self.state.epoch
+        steps = self.steps_per_epoch - self.state.batch_in_epoch // self.cfg.optim.grad_accum
+        batches = self.train_loader.epoch(epoch, skip_batches=self.state.batch_in_epoch)
+        with contextlib.closing(batches), self._watched_for_stalls():
+            self._run_steps(batches, steps, reporter)
+        self._read_records(self.step_log.drain(), reporter, drained=True)
+        reporter.epoch_done(epoch)
+        return self.state.epoch > epoch
 
     def _watched_for_stalls(self):
         return self.stall.armed_while_training() if self.stall is not None else contextlib.nullcontext()
 
-    def _run_steps(self, batches, steps: int, monitor: Monitor) -> None:
+    def _run_steps(self, batches, steps: int, reporter: Reporter) -> None:
         """Up to `steps` optimizer steps on the iterator `batches`. Nothing here waits for the GPU but the
-        StepLog's bounded lag (see step_log.py); the loss and timings reach `monitor` a step or two late."""
+        StepLog's bounded lag (see step_log.py); the loss and timings reach `reporter` a step or two late."""
         accum = self.cfg.optim.grad_accum
         for _ in range(steps):
             start = self.step_log.mark()
@@ -207,15 +247,17 @@ class Trainer:
             data_wait = time.perf_counter() - fetch_begin
             if len(micro) < accum:
                 return
-            stats = self._optimizer_step(micro)
-            self.batch_in_epoch += accum
-            self._after_step(monitor, {**stats, "data_wait": data_wait, "ready_batches": ready_batches}, start)
-            if self._done() or self.watch.stopping(self.step):
+            stats = {**self._optimizer_step(micro), "epoch": self.state.epoch, "data_wait": data_wait,
+                     "ready_batches": ready_batches}
+            self.state.advance(accum, self.steps_per_epoch * accum)
+            self._after_step(reporter, stats, start)
+            if self._done() or self.watch.stopping(self.state.step):
                 return
 
     def _optimizer_step(self, micro_batches: list) -> dict:
         """One optimizer step, queued on the device without waiting for it: the returned loss is a device tensor."""
-        factor = lr_factor(self.step, self.total_steps, self.cfg.optim.warmup_steps, self.cfg.optim.min_lr_ratio)
+        factor = lr_factor(self.state.step, self.total_steps, self.cfg.optim.warmup_steps,
+                           self.cfg.optim.min_lr_ratio)
         set_lr(self.optimizer, factor)
         statistics = [b.clone() for b in self.batch_statistics]  # a skipped step leaves BatchNorm's as they were
         loss = self._accumulate_gradients(micro_batches)
@@ -232,7 +274,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
         images = sum(b.images.shape[0] for b in micro_batches) * self.dist.world_size
         return {"loss": loss.detach(), "nonfinite": nonfinite, "lr": self.optimizer.param_groups[0]["lr"],
                 "images": images, **(self.scst.pop_stats() if self.scst else {})}
@@ -243,7 +284,7 @@ class Trainer:
         Returns that mean loss."""
         if self.scst is not None:
             self.model.eval()  # SCST trains the test-time policy: see capfast/train/scst.py
-            micro_batches = [self.scst.prepare(self.model, b, self.step, i) for i, b in enumerate(micro_batches)]
+            micro_batches = [self.scst.prepare(self.model, b, self.state.step, i) for i, b in enumerate(micro_batches)]
         units = sum(self._loss_units(b) for b in micro_batches)
         global_units = distributed.all_reduce_sum(units.float()).clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
@@ -279,26 +320,26 @@ class Trainer:
             return contextlib.nullcontext()
         return model.no_sync()
 
-    def _after_step(self, monitor: Monitor, stats: dict, start) -> None:
+    def _after_step(self, reporter: Reporter, stats: dict, start) -> None:
         self._push_step_stats(stats, start)
-        self._read_records(self.step_log.ready(), monitor)
+        self._read_records(self.step_log.ready(), reporter)
         if self.stall is not None:
-            self.stall.stepped(self.step)
-        if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self._done():
-            self._read_records(self.step_log.drain(), monitor, drained=True)  # every step up to the checkpoint
-            monitor.flush()
+            self.stall.stepped(self.state.step)
+        if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0 or self._done():
+            self._read_records(self.step_log.drain(), reporter, drained=True)  # every step up to the checkpoint
+            reporter.flush()
             self._save()
 
-    def _read_records(self, records: list[dict], monitor: Monitor, drained: bool = False) -> None:
+    def _read_records(self, records: list[dict], reporter: Reporter, drained: bool = False) -> None:
         """Steps read back from the StepLog go to TensorBoard, then to the StepWatch, which may end the run."""
-        monitor.steps(records)
+        reporter.steps(records)
         self.watch.see(records)
         if records:
             self.last_step_time = records[-1]["step_time"]
-        self.watch.raise_if_failed(self.step, drained)
+        self.watch.raise_if_failed(self.state.step, drained)
 
     def _push_step_stats(self, stats: dict, start) -> None:
-        host = {"step": self.step, "epoch": self.epoch, "lr": stats["lr"], "images": stats["images"],
+        host = {"step": self.state.step, "epoch": stats["epoch"], "lr": stats["lr"], "images": stats["images"],
                 "data_wait": stats["data_wait"], "ready_batches": stats["ready_batches"]}
         if self.device.type == "cuda":
             host["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # allocator's host counter
@@ -321,29 +362,26 @@ class Trainer:
 
     # ---- validation ----------------------------------------------------------------------------------
 
-    def _validates_start(self) -> bool:
-        """A run from init_from is scored before its first step, so that best.pt and the end-of-run note can
-        compare with the model it started from."""
-        return bool(self.cfg.init_from and self.cfg.eval.every_epochs and self.step == 0)
+    def _validation_due(self) -> bool:
+        """At the start of a run from init_from (so that best.pt and the end-of-run note can compare with the
+        model it started from) and at the end of every eval.every_epochs-th epoch, unless that step was validated
+        already: a resumed run may stand where a validation was cut short, and then runs it."""
+        every, state = self.cfg.eval.every_epochs, self.state
+        if not every or state.mid_epoch or state.step in self.validated_steps:
+            return False
+        return (state.step == 0 and bool(self.cfg.init_from)) or (state.epoch > 0 and state.epoch % every == 0)
 
     def _out_of_patience(self) -> bool:
         """eval.patience validations in a row without a new best: stop (rank 0 counts, every rank follows)."""
         if not self.cfg.eval.patience:
             return False
-        self.stale_evals = distributed.broadcast_object(self.stale_evals)
-        return self.stale_evals >= self.cfg.eval.patience
+        stale = distributed.broadcast_object(self.validations.stale() if self.dist.is_main else None)
+        return stale >= self.cfg.eval.patience
 
-    def _validate_if_due(self, monitor: Monitor) -> None:
-        every = self.cfg.eval.every_epochs
-        if every and self.epoch % every == 0:
-            self._validate(monitor)
-
-    def _validate(self, monitor: Monitor) -> None:
+    def _validate(self, reporter: Reporter) -> None:
         from capfast.eval.evaluate import evaluate_model
 
-        if self.step == 0:  # the start's validation: its best.pt comes before any other checkpoint
-            self.saved_rngs = distributed.gather_object(rng.state())
-
+        self._save()  # a validation follows its step's checkpoint, which best.pt may then name
         if self.val_loader is None:  # built once: each new loader pays a numba compile
             self.val_loader = self._make_loader(self.cfg.data.val_split, train=False)
         refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
@@ -354,69 +392,69 @@ class Trainer:
                                 progress_seconds=self.cfg.progress_seconds)
         self.model.train()
         self.model.set_encoder_trainable(bool(self.encoder_trainable))
-        if not self.dist.is_main:
-            return
-        monitor.scalars(self.step, {f"val/{k}": v for k, v in report.metrics.items()})
-        monitor.captions(self.step, report.sample_images[:self.cfg.eval.log_images],
+        self.validated_steps.add(self.state.step)
+        if self.dist.is_main:
+            self._record_validation(report, reporter)
+
+    def _record_validation(self, report, reporter: Reporter) -> None:
+        """Rank 0: TensorBoard and the console, best.pt when CIDEr is a new best, then validations.json."""
+        step, metrics = self.state.step, report.metrics
+        reporter.scalars(step, {f"val/{k}": v for k, v in metrics.items()})
+        reporter.captions(step, report.sample_images[:self.cfg.eval.log_images],
                          report.sample_captions[:self.cfg.eval.log_images])
-        monitor.write(f"epoch {self.epoch}/{self.cfg.epochs} val: "
-                      + "  ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
-        cider = self.last_cider = report.metrics.get("CIDEr", -math.inf)
-        self.stale_evals += 1
-        if cider > self.best_cider:
-            self.best_cider, self.stale_evals = cider, 0
-            monitor.scalars(self.step, {f"best/{k}": v for k, v in report.metrics.items()})
-            self._save(best=True, metrics=report.metrics)
-        elif self.cfg.eval.patience:
-            self._save(validated=True)  # last.pt then carries the count of stale validations to --resume
+        reporter.write(f"epoch {self.state.epoch}/{self.cfg.epochs} val: "
+                      + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        self.last_cider = metrics.get("CIDEr", -math.inf)
+        self.validations.add(step, self.state.epoch, metrics)
+        if self.validations.best() is self.validations.entries[-1]:
+            reporter.scalars(step, {f"best/{k}": v for k, v in metrics.items()})
+            self.run_dir.mark_best(step)
+        self.run_dir.write_validations(self.validations)  # after best.pt: a kill in between validates again
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 
-    def _save(self, best: bool = False, metrics: dict | None = None, validated: bool = False) -> None:
-        """A checkpoint of this step (rank 0 writes it; every rank gives its RNG state, except for best.pt and
-        `validated` re-saves, which rank 0 alone writes after validation: nothing drew random numbers since the
-        epoch's save)."""
-        rngs = self.saved_rngs if best or validated else distributed.gather_object(rng.state())
-        if not self.dist.is_main:
-            return
-        self.saved_rngs = rngs
-        self.run_dir.save({
-            "model_config": to_dict(self.cfg)["model"],
-            "model": self.model.state_dict(),
-            "vocab": list(self.vocab.words),
-            "image_size": self.cfg.data.image_size,
-            "normalization": self.model.normalization.to_dict(),
-            "train_config": to_dict(self.cfg),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best_cider": self.best_cider, "stale_evals": self.stale_evals, "metrics": metrics or {},
-            "world_size": self.dist.world_size,
-            "rng": rngs,
-            "data": self.data,
-            "config_history": self.config_history,
-        }, best=best)
+    def checkpoint_parts(self) -> dict:
+        """What a checkpoint holds, each part through its own state_dict (_restore reads them back)."""
+        return {"model": ModelRecord.of(self.model, self.vocab).state_dict(), "train": self.state.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
-    def _restore(self) -> None:
-        state, path = self.run_dir.load_latest(warn=self._note)
-        check_same_vocabulary(f"checkpoint {path}", Vocab(tuple(state["vocab"])), self.data_dir / schema.VOCAB_FILE,
+    def _save(self) -> None:
+        """This step's checkpoint, written once: rank 0 writes it, every rank gives its random generators."""
+        if self.saved_step == self.state.step:
+            return
+        self.saved_step = self.state.step
+        rngs = distributed.gather_object(rng.state())
+        if self.dist.is_main:
+            self.state.rng = rngs
+            self.run_dir.save(self.checkpoint_parts(), self.state.step)
+
+    def _restore(self, saved: dict, path) -> dict:
+        """Continues from checkpoint `saved` (read from `path`) after the resume checks; returns the config
+        changes it applies."""
+        record = ModelRecord.from_state_dict(saved["model"], f"checkpoint {path}")
+        check_same_vocabulary(f"checkpoint {path}", record.vocab, self.data_dir / schema.VOCAB_FILE,
                               self.vocab.fingerprint())
-        resume.check_same_data(path, state["data"], self.data)
-        changes = resume.config_changes(state["train_config"], to_dict(self.cfg))
-        resume.check_resumable(path, changes, state["world_size"], self.dist.world_size,
-                               mid_epoch=state["batch_in_epoch"] > 0)
-        self.model.load_state_dict(state["model"])
-        restore_optimizer(self.optimizer, path, state["optimizer"], self.cfg.optim)
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best_cider = state["best_cider"]
-        self.stale_evals = state["stale_evals"]
-        self.config_changes = changes
-        self.config_history = state["config_history"]
-        if changes:
-            self.config_history.append({"step": self.step, "changes": {k: list(v) for k, v in changes.items()}})
-        if len(state["rng"]) == self.dist.world_size:  # else (a new world size, at an epoch's start): fresh seeds
-            rng.restore(state["rng"][self.dist.rank])
+        before = TrainState.from_state_dict(saved["train"], path)
+        changes = resume.check(path, before, self.state)
+        self.model.load_state_dict(record.weights)
+        restore_optimizer(self.optimizer, path, saved["optimizer"], self.cfg.optim)
+        self.scaler.load_state_dict(saved["scaler"])
+        history = before.config_history + ([{"step": before.step, "changes": resume.as_lists(changes)}]
+                                           if changes else [])
+        self.state = dataclasses.replace(before, world_size=self.state.world_size, config=self.state.config,
+                                         config_history=history)
+        if len(before.rng) == self.dist.world_size:  # else (a new world size, at an epoch's start): fresh seeds
+            rng.restore(before.rng[self.dist.rank])
+        self.saved_step = before.step
+        self._restore_validations()
+        return changes
+
+    def _restore_validations(self) -> None:
+        """Rank 0 reads validations.json up to the resumed step; every rank learns which steps it validated."""
+        if self.dist.is_main:
+            self.validations = self.run_dir.validations().until(self.state.step)
+        steps = [e["step"] for e in self.validations.entries] if self.dist.is_main else None
+        self.validated_steps = set(distributed.broadcast_object(steps))
 
     def _note(self, message: str) -> None:
         if self.dist.is_main:

@@ -81,7 +81,7 @@ class TrainConsole:
         self.epoch = Totals()
 
 
-class Monitor:
+class Reporter:
     def __init__(self, log_dir, enabled: bool, cfg, total_steps: int, initial_step: int):
         if cfg.progress_seconds < 0:
             raise CapfastError(f"progress_seconds must be >= 0 (0 = a line every step), got {cfg.progress_seconds}")
