@@ -81,8 +81,8 @@ class PlainCiderD:
 
 def load_data_corpus(data_dir: Path):
     from capfast.store import schema
+    from capfast.store.ptb_tokenizer import tokenize_batch
     from capfast.store.references import load_references
-    from capfast.store.text import tokenize_batch
     from capfast.store.vocab import Vocab
 
     references = load_references(schema.refs_path(data_dir, "train"))

@@ -1,9 +1,9 @@
 """Caption metrics exactly as the COCO caption evaluation computes them (pycocoevalcap's scorers).
 
-score() tokenizes like pycocoevalcap's PTBTokenizer -- with capfast.store.text by default, or with the Java tokenizer
-itself (ptb_java=True) -- and then runs pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() on the same
-inputs COCOEvalCap would give them. "CIDEr" is pycocoevalcap's CIDEr-D, with document frequencies taken from
-the references being scored. METEOR is a Java program (meteor-1.5.jar, 2 GB heap, about 10 s to start), so it
+score() tokenizes like pycocoevalcap's PTBTokenizer -- with capfast.store.ptb_tokenizer by default, or with the
+Java tokenizer itself (ptb_java=True) -- and then runs pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() on
+the same inputs COCOEvalCap would give them. "CIDEr" is pycocoevalcap's CIDEr-D, with document frequencies taken
+from the references being scored. METEOR is a Java program (meteor-1.5.jar, 2 GB heap, about 10 s to start), so it
 is computed only when Java is available; SPICE is not computed.
 
 The writers produce COCO-format files, so results can also be scored with the official
@@ -86,7 +86,7 @@ def _tokenized(results, references, ptb_java):
     of `results` (the tokenizer's lookahead crosses from one caption into the next, so order matters)."""
     if ptb_java:
         return _java_tokenized(results, references)
-    from capfast.store.text import tokenize_batch
+    from capfast.store.ptb_tokenizer import tokenize_batch
 
     image_ids = list(results)
     reference_lines = tokenize_batch([c for i in image_ids for c in references[i]])

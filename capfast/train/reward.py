@@ -37,8 +37,8 @@ def load_reward(data_dir, split: str, vocab: Vocab, *, write_cache: bool = True)
 
 
 def tables_from_references(refs_file: Path, vocab: Vocab) -> dict:
+    from capfast.store.ptb_tokenizer import tokenize_batch
     from capfast.store.references import load_references
-    from capfast.store.text import tokenize_batch
 
     references = load_references(refs_file)
     # One batch in file order, as pycocoevalcap's tokenizer sees a split (its lookahead crosses captions).

@@ -1,4 +1,4 @@
-"""Caption tokenization identical to the COCO caption evaluation's, in pure Python (no Java).
+"""A port of the PTBTokenizer the COCO caption evaluation runs: its tokenization, in pure Python (no Java).
 
 pycocoevalcap writes the captions one per line, runs Stanford CoreNLP 3.4.1's PTBTokenizer
 (`-preserveLines -lowerCase`) on the file and drops punctuation tokens. This module ports the rules of that

@@ -1,4 +1,4 @@
-"""capfast.store.text.tokenize against pycocoevalcap's Java PTBTokenizer (CoreNLP 3.4.1 + punctuation filter).
+"""capfast.store.ptb_tokenizer.tokenize against pycocoevalcap's Java PTBTokenizer (CoreNLP 3.4.1 + punctuation filter).
 
 CASES holds the Java output frozen (each caption followed by an ordinary line, as inside a batch), so the parity
 check runs without Java; with `java` on PATH the same captions also go through pycocoevalcap live.
@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from capfast.store.text import normalize, tokenize, tokenize_batch
+from capfast.store.ptb_tokenizer import normalize, tokenize, tokenize_batch
 
 CASES = [
     ('A man riding a wave on top of a surfboard.', 'a man riding a wave on top of a surfboard'),
