@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@bash tools/demo.sh $(PY)
 
-# Lint and the import layers first (seconds), then the suite on two workers: it is mostly single-threaded
-# start-up and compile work. No test asserts a timing margin.
+# Lint, the import layers and import cycles first (seconds), then the suite on two workers: it is mostly
+# single-threaded start-up and compile work. No test asserts a timing margin.
 test: $(STAMP)
 	$(VENV)/bin/ruff check capfast converters tests tools
 	$(VENV)/bin/lint-imports
+	$(PY) tools/check_import_cycles.py
 	$(PY) -m pytest -q -n 2 tests
 
 clean:

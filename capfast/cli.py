@@ -6,6 +6,7 @@ import sys
 import click
 
 from capfast.common.commands import LazyGroup
+from capfast.common.runtime import prepare_process
 from capfast.errors import CapfastError
 
 COMMANDS = {
@@ -37,6 +38,7 @@ def cli():
 
 
 def main(argv=None):
+    prepare_process()
     try:
         cli.main(args=argv, prog_name="capfast", standalone_mode=False)
     except CapfastError as e:

@@ -1,4 +1,6 @@
 """Shared fixtures: a tiny synthetic COCO dataset and its converted betons, plus the `gpu` marker's skip hook.
+Every test process (pytest-xdist's workers too) runs under capfast's process settings (capfast.common.runtime),
+as the `capfast` command does.
 
 Both datasets are session-scoped and must be treated as read-only; copy them (shutil.copytree) before changing.
 """
@@ -32,6 +34,12 @@ def converted(synth_coco, tmp_path_factory):
                 images=synth_coco / "images" / split, image_size=CONVERTED_IMAGE_SIZE, min_count=1,
                 workers=2, progress=False)
     return out
+
+
+def pytest_configure(config):
+    from capfast.common.runtime import prepare_process
+
+    prepare_process()  # before any test module imports ffcv
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,7 @@ from capfast.pack.convert import convert
 from capfast.pack.images import prepare_image
 from capfast.store import schema
 from capfast.store.beton import BetonContents
-from capfast.store.text import tokenize
+from capfast.store.ptb_tokenizer import tokenize
 from capfast.store.vocab import Vocab
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)

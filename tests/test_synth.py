@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from capfast.pack.synth import ANCHORS, COLORS, SHAPES, make_synthetic_coco
-from capfast.store.text import tokenize
+from capfast.store.ptb_tokenizer import tokenize
 
 
 def all_files(root):

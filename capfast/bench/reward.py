@@ -81,13 +81,11 @@ class PlainCiderD:
 
 def load_data_corpus(data_dir: Path):
     from capfast.store import schema
+    from capfast.store.ptb_tokenizer import tokenize_references
     from capfast.store.references import load_references
-    from capfast.store.text import tokenize_batch
     from capfast.store.vocab import Vocab
 
-    references = load_references(schema.refs_path(data_dir, "train"))
-    tokens = iter(tokenize_batch([c for captions in references.values() for c in captions]))
-    corpus = {image_id: [next(tokens) for _ in captions] for image_id, captions in references.items()}
+    corpus = tokenize_references(load_references(schema.refs_path(data_dir, "train")))
     return corpus, list(Vocab.load(data_dir / schema.VOCAB_FILE).words)
 
 

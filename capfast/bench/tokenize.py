@@ -34,7 +34,7 @@ def regex_split(captions: list[str]) -> list[str]:
 @click.option("--captions", default=20_000, show_default=True, help="Captions tokenized by each contender.")
 def command(captions):
     """Captions per second: capfast's PTB port against the Java PTBTokenizer (or a regex split without java)."""
-    from capfast.store.text import tokenize
+    from capfast.store.ptb_tokenizer import tokenize
 
     lines = sample_captions(captions)
     tokenize("Warm-up: compile the lexer.")

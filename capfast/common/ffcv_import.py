@@ -4,7 +4,8 @@ ffcv.fields.rgb_image builds a numba typed Dict at import time, IMAGE_MODES = {'
 compiles its dictionary type for it on the spot (~3.6 s of ffcv's ~7 s import here; numba does not cache it). ffcv
 only ever reads that dict from Python (to pick the int it bakes into its compiled code, or to write a record's
 mode), so a plain dict does the same job. install() puts a finder on sys.meta_path that, when that one module is
-first imported, runs it with numba.typed.Dict bound to dict, then restores numba's own.
+first imported, runs it with numba.typed.Dict bound to dict, then restores numba's own. capfast.common.runtime's
+prepare_process() installs it.
 """
 
 import importlib.abc

@@ -289,17 +289,3 @@ class _Failure:
     def __init__(self, error: Exception):
         self.error = error
 
-
-def _quiet_numba_finalizer_noise(unraisable, _default=sys.unraisablehook):
-    """numba 0.68 raises a harmless KeyError from a dispatcher finalizer when ffcv's compiled pipelines are
-    garbage-collected; Python prints it as 'Exception ignored in ...' on every loader. Hide just that one."""
-    tb = unraisable.exc_traceback
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if isinstance(unraisable.exc_value, KeyError) and tb is not None and \
-            tb.tb_frame.f_code.co_filename.endswith("numba/core/dispatcher.py"):
-        return
-    _default(unraisable)
-
-
-sys.unraisablehook = _quiet_numba_finalizer_noise

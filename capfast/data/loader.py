@@ -99,8 +99,10 @@ class CaptionLoader:
     """Batches of one beton for this rank. len() = batches per epoch; epoch(n) iterates epoch n."""
 
     def __init__(self, beton, settings: LoaderSettings, shard: orders.Shard):
+        from capfast.common.runtime import prepare_process
         from capfast.store.beton import check_beton
 
+        prepare_process()
         self.beton = str(beton)
         self.settings = settings
         self.shard = shard

@@ -13,8 +13,8 @@ every image and scores near chance: `capfast eval` reports that "blind" control 
 import itertools
 from pathlib import Path
 
+from capfast.store.ptb_tokenizer import tokenize
 from capfast.store.schema import COLORS, POSITIONS, SHAPES
-from capfast.store.text import tokenize
 
 ATTRIBUTES = ("color", "shape", "position")
 POSITION_WORDS = {**{position: position for position in POSITIONS}, "middle": "center"}

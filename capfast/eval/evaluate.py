@@ -122,13 +122,10 @@ def blind_caption(model, vocab, image_size: int, dtype, beam_size: int, max_len:
 
 def _gather_results(results: dict):
     """All ranks' results merged on rank 0; None on the other ranks."""
-    import torch.distributed as dist
+    from capfast.common.distributed import gather_object
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return results
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(results, gathered, dst=0)
-    if dist.get_rank() != 0:
+    gathered = gather_object(results, dst=0)
+    if gathered is None:
         return None
     merged = {}
     for part in gathered:

@@ -1,9 +1,9 @@
 """Caption metrics exactly as the COCO caption evaluation computes them (pycocoevalcap's scorers).
 
-score() tokenizes like pycocoevalcap's PTBTokenizer -- with capfast.store.text by default, or with the Java tokenizer
-itself (ptb_java=True) -- and then runs pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() on the same
-inputs COCOEvalCap would give them. "CIDEr" is pycocoevalcap's CIDEr-D, with document frequencies taken from
-the references being scored. METEOR is a Java program (meteor-1.5.jar, 2 GB heap, about 10 s to start), so it
+score() tokenizes like pycocoevalcap's PTBTokenizer -- with capfast.store.ptb_tokenizer by default, or with the
+Java tokenizer itself (ptb_java=True) -- and then runs pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() on
+the same inputs COCOEvalCap would give them. "CIDEr" is pycocoevalcap's CIDEr-D, with document frequencies taken
+from the references being scored. METEOR is a Java program (meteor-1.5.jar, 2 GB heap, about 10 s to start), so it
 is computed only when Java is available; SPICE is not computed.
 
 The writers produce COCO-format files, so results can also be scored with the official
@@ -86,17 +86,13 @@ def _tokenized(results, references, ptb_java):
     of `results` (the tokenizer's lookahead crosses from one caption into the next, so order matters)."""
     if ptb_java:
         return _java_tokenized(results, references)
-    from capfast.store.text import tokenize_batch
+    from capfast.store.ptb_tokenizer import tokenize_batch, tokenize_references
 
     image_ids = list(results)
-    reference_lines = tokenize_batch([c for i in image_ids for c in references[i]])
-    result_lines = tokenize_batch([results[i] for i in image_ids])
-    gts, position = {}, 0
-    for image_id in image_ids:
-        count = len(references[image_id])
-        gts[image_id] = [" ".join(tokens) for tokens in reference_lines[position:position + count]]
-        position += count
-    res = {image_id: [" ".join(tokens)] for image_id, tokens in zip(image_ids, result_lines)}
+    reference_tokens = tokenize_references({i: references[i] for i in image_ids})
+    result_tokens = tokenize_batch([results[i] for i in image_ids])
+    gts = {i: [" ".join(tokens) for tokens in captions] for i, captions in reference_tokens.items()}
+    res = {i: [" ".join(tokens)] for i, tokens in zip(image_ids, result_tokens)}
     return gts, res
 
 

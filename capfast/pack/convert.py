@@ -21,6 +21,7 @@ from capfast.common import options
 from capfast.common.io import atomic_file, atomic_write_text, ensure_writable_dir
 from capfast.common.options import option
 from capfast.common.progress import track
+from capfast.common.runtime import prepare_process
 from capfast.converters import Item, Problem, Source, read_coco, read_folder, read_karpathy
 from capfast.errors import CapfastError
 from capfast.pack.beton_writer import BetonWriter, jpeg_field_class, page_size_for
@@ -57,6 +58,7 @@ def convert(out, split: str | None = None, *, annotations=None, images=None, kar
     """Converts one input (COCO: annotations+images; Karpathy: karpathy+images; folder: folder+captions) and
     returns {split: meta entry}. `split` may be a comma-separated list in Karpathy mode (default train,val,test).
     `settings`: the fields of Settings (image_size=..., min_count=...)."""
+    prepare_process()  # before ffcv's import below, and before worker processes are forked
     settings = options.build(Settings, settings, flags=True, unknown_key=lambda key: f"unknown setting {key!r}")
     workers = workers or default_workers()
     source = read_source(split, annotations, images, karpathy, folder, captions)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from capfast.pack.images import BadImage, prepare_jpeg
-from capfast.store.text import tokenize
+from capfast.store.ptb_tokenizer import tokenize
 from capfast.store.vocab import Vocab
 
 NO_WORDS = "no caption contains a word"

@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw
 from capfast.common.progress import track
 from capfast.errors import CapfastError
 from capfast.store import schema
+from capfast.store.ptb_tokenizer import tokenize
 from capfast.store.schema import POSITIONS, SHAPES
-from capfast.store.text import tokenize
 
 COLORS = dict(zip(schema.COLORS, ((220, 30, 30), (30, 170, 50), (30, 60, 220), (240, 220, 30), (140, 40, 170),
                                    (250, 140, 20)), strict=True))  # the RGB of each colour word

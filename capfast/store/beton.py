@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from capfast.common.runtime import prepare_process
 from capfast.errors import CapfastError
 from capfast.store import schema
 from capfast.store.vocab import Vocab
@@ -30,6 +31,7 @@ FINGERPRINT_BYTES = 1 << 20
 def check_beton(path):
     """The parsed ffcv Reader of `path` if it is a beton as capfast/store/schema.py defines; CapfastError otherwise:
     "beton not found", "not a beton", "missing field X", "written by an incompatible ... version"."""
+    prepare_process()  # before ffcv's first import in this process
     from ffcv.reader import Reader
 
     path = Path(path)

@@ -159,8 +159,8 @@ class SelfCritical:
 def build(cfg, data_dir, vocab, dist, amp_dtype) -> SelfCritical | None:
     """The SCST objective of a run (None for cross-entropy), with the reward tables of its training references
     (built by rank 0 first when they are not cached yet, so the other ranks read its cache)."""
+    from capfast.eval.reward import load_reward
     from capfast.store.references import require_references
-    from capfast.train.reward import load_reward
 
     if cfg.objective == "xe":
         return None

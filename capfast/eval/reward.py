@@ -37,13 +37,10 @@ def load_reward(data_dir, split: str, vocab: Vocab, *, write_cache: bool = True)
 
 
 def tables_from_references(refs_file: Path, vocab: Vocab) -> dict:
+    from capfast.store.ptb_tokenizer import tokenize_references
     from capfast.store.references import load_references
-    from capfast.store.text import tokenize_batch
 
-    references = load_references(refs_file)
-    # One batch in file order, as pycocoevalcap's tokenizer sees a split (its lookahead crosses captions).
-    tokens = iter(tokenize_batch([c for captions in references.values() for c in captions]))
-    tokenized = {image_id: [next(tokens) for _ in captions] for image_id, captions in references.items()}
+    tokenized = tokenize_references(load_references(refs_file))  # in file order, as pycocoevalcap sees a split
     return build_tables(*encode_references(tokenized, vocab.words))
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from capfast.store.text import normalize, tokenize
+from capfast.store.ptb_tokenizer import normalize, tokenize
 
 
 @pytest.mark.parametrize("caption, expected", [

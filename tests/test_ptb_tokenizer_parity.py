@@ -1,4 +1,4 @@
-"""capfast.store.text.tokenize against pycocoevalcap's Java PTBTokenizer (CoreNLP 3.4.1 + punctuation filter).
+"""capfast.store.ptb_tokenizer.tokenize against pycocoevalcap's Java PTBTokenizer (CoreNLP 3.4.1 + punctuation filter).
 
 CASES holds the Java output frozen (each caption followed by an ordinary line, as inside a batch), so the parity
 check runs without Java; with `java` on PATH the same captions also go through pycocoevalcap live.
@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from capfast.store.text import normalize, tokenize, tokenize_batch
+from capfast.store.ptb_tokenizer import normalize, tokenize, tokenize_batch, tokenize_references
 
 CASES = [
     ('A man riding a wave on top of a surfboard.', 'a man riding a wave on top of a surfboard'),
@@ -96,6 +96,16 @@ def test_batch_lookahead_crosses_into_the_next_line():
     assert tokenize_batch(["A sign with the letter B.", "a red sign"])[0][-1] == "b."
     assert tokenize_batch(["No.", "5 dogs"])[0] == ["no."]
     assert tokenize_batch(["No.", "five dogs"])[0] == ["no"]
+
+
+def test_references_are_one_batch_across_images_in_the_order_given():
+    """tokenize_references: the lookahead crosses from one image's last reference into the next image's first."""
+    references = {7: ["A sign with the letter B."], 3: ["The sign is red.", "No."], 5: ["5 dogs", "two cats"]}
+    tokenized = tokenize_references(references)
+    assert list(tokenized) == [7, 3, 5]
+    assert tokenized == {7: [["a", "sign", "with", "the", "letter", "b"]],
+                         3: [["the", "sign", "is", "red"], ["no."]],
+                         5: [["5", "dogs"], ["two", "cats"]]}
 
 
 def test_batch_of_ordinary_lines_equals_one_by_one():

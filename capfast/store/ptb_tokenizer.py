@@ -1,4 +1,4 @@
-"""Caption tokenization identical to the COCO caption evaluation's, in pure Python (no Java).
+"""A port of the PTBTokenizer the COCO caption evaluation runs: its tokenization, in pure Python (no Java).
 
 pycocoevalcap writes the captions one per line, runs Stanford CoreNLP 3.4.1's PTBTokenizer
 (`-preserveLines -lowerCase`) on the file and drops punctuation tokens. This module ports the rules of that
@@ -9,7 +9,8 @@ official numbers without Java:
 
 `tokenize` treats a caption as if an ordinary line followed it. `tokenize_batch` reproduces pycocoevalcap on a
 whole list, where Java's lookahead crosses into the next line ("the letter B." before "The ...", "No." before
-"5 ...") and the last caption meets end-of-file.
+"5 ...") and the last caption meets end-of-file; `tokenize_references` does so for {image id: [captions]}, the form
+the metrics, the SCST reward and its benchmark take references in.
 
 Speed: plain ASCII words and numbers (most of COCO) skip the lexer; other space-separated chunks are lexed once and
 cached; lines where a token or a lookahead can span a space ("1 1/2", "<a b>", "A. The") are lexed whole.
@@ -59,6 +60,14 @@ def tokenize_batch(captions: list[str]) -> list[list[str]]:
         tokenized.append(_tokenize_line(line, document, start))
         start += len(line) + 1
     return tokenized
+
+
+def tokenize_references(references: dict[int, list[str]]) -> dict[int, list[list[str]]]:
+    """{image id: [tokens of each caption]}: every caption of every image in one tokenize_batch call, in the order
+    given, as pycocoevalcap's tokenizer sees a split's references (its lookahead crosses from one caption, and one
+    image, into the next)."""
+    tokens = iter(tokenize_batch([caption for captions in references.values() for caption in captions]))
+    return {image_id: [next(tokens) for _ in captions] for image_id, captions in references.items()}
 
 
 def normalize(caption: str) -> str:
