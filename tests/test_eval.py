@@ -138,13 +138,15 @@ def test_eval_needs_no_meta_json(trained_run, converted, tmp_path, capfast_cli):
 
 def test_max_images_counts_over_all_ranks(trained_run, converted):
     """Under DDP each rank scores its share: N ranks together score max_images, not N x max_images."""
+    from capfast.data import LoaderOptions
     from capfast.data.loader import CaptionLoader, build_loader
     from capfast.data.order import Shard
     from capfast.eval.evaluate import generate_split
     from capfast.models.checkpoint import load_model
 
     model, vocab, state = load_model(trained_run / "best.pt")
-    settings = build_loader(converted / "val.beton", batch_size=4, train=False, image_size=32).settings
+    settings = build_loader(converted / "val.beton", LoaderOptions(batch_size=4, image_size=32), train=False,
+                            normalization=model.normalization).settings
     ids = []
     for rank in (0, 1):
         rank_loader = CaptionLoader(converted / "val.beton", settings, Shard(rank, 2))

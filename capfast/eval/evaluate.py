@@ -12,6 +12,8 @@ import click
 import torch
 
 from capfast.common import progress
+from capfast.common.options import default
+from capfast.data import LoaderOptions
 from capfast.eval.cli_options import DEFAULT_BEAM, DEFAULT_MAX_LEN, generation_options
 from capfast.store import schema
 from capfast.store.references import load_references
@@ -149,8 +151,8 @@ def _denormalize(images: torch.Tensor, normalization) -> torch.Tensor:
 @click.option("--split", default="val", show_default=True,
               help="The split to score: DATA/SPLIT.beton, with refs_SPLIT.json beside it.")
 @generation_options
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Images per generation step over all processes (split evenly, as for `capfast train`).")
+@click.option("--batch-size", default=default(LoaderOptions, "batch_size"), show_default=True,
+              type=click.IntRange(min=1), help="Images per generation step over all processes.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the metrics as one JSON object.")
 @click.option("--results", "results_out", type=click.Path(path_type=Path),
               help="Write the captions in COCO results format: [{image_id, caption}].")
@@ -176,9 +178,9 @@ def command(data_dir, split, checkpoint_path, beam_size, max_len, device, batch_
         beton = require_split(data_dir, split)
         model, vocab, state = load_model(checkpoint_path, device)
         check_split_vocab(data_dir, split, vocab, what=f"checkpoint {checkpoint_path}")
-        loader = build_loader(beton, batch_size=-(-batch_size // dist_info.world_size), train=False,
-                              device=device, image_size=model.image_size, normalization=model.normalization,
-                              distributed=dist_info.enabled, vocab_size=len(vocab))
+        options = LoaderOptions(batch_size=batch_size, image_size=model.image_size)
+        loader = build_loader(beton, options, train=False, device=device, distributed=dist_info.enabled,
+                              normalization=model.normalization, vocab_size=len(vocab))
         report = evaluate_model(model, loader, vocab, schema.refs_path(data_dir, split), beam_size=beam_size,
                                 max_len=max_len, max_images=max_images, ptb_java=ptb_java,
                                 meteor="auto" if meteor else False,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import tomllib
 
-from capfast.common.options import ascending, build, option
+from capfast.common.options import build, option
 from capfast.common.precision import DEVICES, DTYPES
 from capfast.common.signals import DEFAULT_STOP_SIGNALS, signals_problem
-from capfast.data.order import ORDERS
+from capfast.data.options import LoaderOptions
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig
 from capfast.store.schema import split_name_problem
@@ -20,17 +20,11 @@ SCST_BASELINES = ("mean", "greedy")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(LoaderOptions):
+    """[data]: the loader's options (capfast.data.LoaderOptions, keys data.batch_size etc.) and the splits read."""
+
     train_split: str = option("train", check=split_name_problem)
     val_split: str = option("val", check=split_name_problem)
-    image_size: int = option(224, min=16, max=4096)
-    batch_size: int = option(64, min=1)          # global: split evenly over DDP ranks
-    workers: int = option(0, min=0)              # decode threads per rank; 0 = all cores / ranks
-    order: str = option("random", choices=ORDERS)  # random | quasi_random (larger than RAM) | sequential
-    os_cache: bool = option(True)
-    crop_scale: tuple[float, float] = option((0.35, 1.0), above=0, max=1, check=ascending)  # crop area / image
-    color_jitter: float = option(0.0, min=0, below=1)
-    prefetch: int = option(3, min=0)            # batches prepared ahead by a producer thread (0 = none: synchronous)
 
 
 @dataclass

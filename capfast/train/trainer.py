@@ -59,9 +59,6 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.vocab = check_data_dir(self.data_dir, cfg.data.train_split)
         self._check_validation_data()
-        if cfg.data.batch_size % self.dist.world_size:
-            raise CapfastError(f"data.batch_size={cfg.data.batch_size} does not split evenly over "
-                               f"{self.dist.world_size} processes")
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best_cider = -math.inf
         self.last_cider = None     # the latest validation's CIDEr in this process's run
@@ -124,15 +121,10 @@ class Trainer:
 
     def _make_loader(self, split: str, train: bool):
         beton = schema.beton_path(self.data_dir, split)
-        per_rank_batch = self.cfg.data.batch_size // self.dist.world_size
-        workers = self.cfg.data.workers or None
         return build_loader(
-            beton, batch_size=per_rank_batch, train=train, device=self.device,
-            dtype=self.amp_dtype or torch.float32, image_size=self.cfg.data.image_size,
-            num_workers=workers, seed=self.cfg.seed, distributed=self.dist.enabled,
-            order=self.cfg.data.order if train else "sequential", os_cache=self.cfg.data.os_cache,
-            crop_scale=self.cfg.data.crop_scale, color_jitter=self.cfg.data.color_jitter if train else 0.0,
-            prefetch=self.cfg.data.prefetch, vocab_size=len(self.vocab), normalization=self.model.normalization)
+            beton, self.cfg.data, train=train, device=self.device, dtype=self.amp_dtype or torch.float32,
+            seed=self.cfg.seed, distributed=self.dist.enabled, normalization=self.model.normalization,
+            vocab_size=len(self.vocab))
 
     def _set_encoder_trainable(self, epoch: int) -> None:
         """Freezes or unfreezes the encoder for this epoch; (re)wraps DDP/compile when that changes."""
