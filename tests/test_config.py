@@ -39,6 +39,7 @@ RECIPES = sorted((ROOT / "configs").glob("*.toml"))
     ("model.batchnorm=sync", "model.batchnorm must be one of frozen, batch"),
     ("model.dropout=1.0", "model.dropout must be a number >= 0 and < 1"),
     ("eval.beam_size=0", "eval.beam_size must be an integer >= 1"),
+    ("eval.max_len=0", "eval.max_len must be an integer >= 1, got 0"),
     ("seed=-1", "seed must be an integer >= 0, got -1"),
     ("data.prefetch=-1", "data.prefetch must be an integer >= 0, got -1"),
     ("data.prefetch=true", "data.prefetch must be an integer >= 0, got true"),

@@ -109,6 +109,19 @@ def test_eval_bad_inputs(trained_run, converted, tmp_path, capfast_cli):
                        "tset.beton not found", "holds: train, val")
 
 
+@pytest.mark.parametrize("args, message", [
+    (("eval", "--data", "d", "--beam", "0"), "--beam must be an integer >= 1, got 0"),
+    (("eval", "--data", "d", "--max-len", "0"), "--max-len must be an integer >= 1, got 0"),
+    (("eval", "--data", "d", "--batch-size", "0"), "--batch-size must be an integer >= 1, got 0"),
+    (("caption", "--beam", "0", "x.jpg"), "--beam must be an integer >= 1, got 0"),
+    (("caption", "--max-len", "-3", "x.jpg"), "--max-len must be an integer >= 1, got -3"),
+])
+def test_generation_flags_refuse_what_the_recipe_s_keys_refuse(tmp_path, capfast_cli, args, message):
+    """--beam and --max-len are eval.beam_size and eval.max_len's rules (GenerationOptions), --batch-size is
+    data.batch_size's (LoaderOptions): refused while parsing, before the checkpoint is even looked for."""
+    assert_clean_error(capfast_cli(*args, "--checkpoint", tmp_path / "nope.pt"), message)
+
+
 def test_eval_under_torchrun_scores_every_image_once(trained_run, converted, tmp_path, free_port):
     import subprocess
     import sys
@@ -143,6 +156,7 @@ def test_max_images_counts_over_all_ranks(trained_run, converted):
     from capfast.data.order import Shard
     from capfast.eval.evaluate import generate_split
     from capfast.models.checkpoint import load_model
+    from capfast.models.generate import GenerationOptions
 
     model, vocab, state = load_model(trained_run / "best.pt")
     settings = build_loader(converted / "val.beton", LoaderOptions(batch_size=4, image_size=32), train=False,
@@ -150,7 +164,8 @@ def test_max_images_counts_over_all_ranks(trained_run, converted):
     ids = []
     for rank in (0, 1):
         rank_loader = CaptionLoader(converted / "val.beton", settings, Shard(rank, 2))
-        results = generate_split(model, rank_loader, vocab, beam_size=1, max_images=5).results
+        results = generate_split(model, rank_loader, vocab, generation=GenerationOptions(beam_size=1),
+                                 max_images=5).results
         assert len(results) == (3, 2)[rank]
         ids += list(results)
     assert len(set(ids)) == 5

@@ -13,6 +13,7 @@ from capfast.common.signals import DEFAULT_STOP_SIGNALS, signals_problem
 from capfast.data.options import LoaderOptions
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig
+from capfast.models.generate import GenerationOptions
 from capfast.store.schema import split_name_problem
 
 OBJECTIVES = ("xe", "scst")
@@ -45,10 +46,11 @@ class OptimConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GenerationOptions):
+    """[eval]: generation's options (capfast.models.generate.GenerationOptions, keys eval.beam_size etc.) and when
+    and on how many images validation runs during training."""
+
     every_epochs: int = option(1, min=0)         # 0 disables validation during training
-    beam_size: int = option(3, min=1)
-    max_len: int = option(20, min=1)
     max_images: int = option(0, min=0)           # over all ranks; 0 = the whole validation split
     log_images: int = option(4, min=0)           # images with generated captions shown in TensorBoard
     patience: int = option(0, min=0)             # stop after this many validations in a row without a new best CIDEr

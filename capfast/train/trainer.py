@@ -339,8 +339,8 @@ class Trainer:
         if self.val_loader is None:  # built once: each new loader pays a numba compile
             self.val_loader = self._make_loader(self.cfg.data.val_split, train=False)
         refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
-        report = evaluate_model(self.model, self.val_loader, self.vocab, refs, beam_size=self.cfg.eval.beam_size,
-                                max_len=self.cfg.eval.max_len, max_images=self.cfg.eval.max_images,
+        report = evaluate_model(self.model, self.val_loader, self.vocab, refs, generation=self.cfg.eval,
+                                max_images=self.cfg.eval.max_images,
                                 amp_dtype=self.amp_dtype, meteor=False,  # METEOR's JVM costs ~10 s a call
                                 attributes_file=schema.attributes_path(self.data_dir, self.cfg.data.val_split),
                                 progress_seconds=self.cfg.progress_seconds)
