@@ -109,6 +109,17 @@ def test_eval_bad_inputs(trained_run, converted, tmp_path, capfast_cli):
                        "tset.beton not found", "holds: train, val")
 
 
+def test_eval_without_references_refuses_before_reading_the_split(trained_run, converted, tmp_path, capfast_cli):
+    """No refs_val.json: refused before the split is decoded. The beton is junk too, and the loader's error about
+    it (which a check after decoding would meet first) does not come."""
+    data = tmp_path / "data"
+    shutil.copytree(converted, data)
+    (data / "refs_val.json").unlink()
+    (data / "val.beton").write_bytes(b"not a beton at all" * 10)
+    result = capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data, "--split", "val")
+    assert_clean_error(result, "capfast eval needs the val split's reference captions", "refs_val.json not found")
+
+
 @pytest.mark.parametrize("args, message", [
     (("eval", "--data", "d", "--beam", "0"), "--beam must be an integer >= 1, got 0"),
     (("eval", "--data", "d", "--max-len", "0"), "--max-len must be an integer >= 1, got 0"),

@@ -115,7 +115,7 @@ def _load_attributes(path):
 
 @torch.inference_mode()
 def blind_caption(model, vocab, image_size: int, dtype, generation: GenerationOptions, amp_dtype=None) -> str:
-    """The caption the model gives a blank image (all zeros after normalization: ImageNet's mean colour).
+    """The caption the model gives a blank image: the encoder's mean colour (all zeros after its normalization).
     Generation is per image, so every image blanked would get this same caption."""
     device = next(model.parameters()).device
     blank = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
@@ -173,16 +173,18 @@ def command(data_dir, split, checkpoint_path, beam_size, max_len, device, batch_
     from capfast.data import build_loader
     from capfast.models.checkpoint import load_model
     from capfast.store.checks import check_split_vocab, require_split
+    from capfast.store.references import require_references
 
     device, dist_info = distributed.setup(device)
     try:
         beton = require_split(data_dir, split)
+        refs_file = require_references(data_dir, split, "capfast eval")  # before anything is decoded
         model, vocab, state = load_model(checkpoint_path, device)
         check_split_vocab(data_dir, split, vocab, what=f"checkpoint {checkpoint_path}")
         options = LoaderOptions(batch_size=batch_size, image_size=model.image_size)
         loader = build_loader(beton, options, train=False, device=device, distributed=dist_info.enabled,
                               normalization=model.normalization, vocab_size=len(vocab))
-        report = evaluate_model(model, loader, vocab, schema.refs_path(data_dir, split),
+        report = evaluate_model(model, loader, vocab, refs_file,
                                 generation=GenerationOptions(beam_size=beam_size, max_len=max_len),
                                 max_images=max_images, ptb_java=ptb_java, meteor="auto" if meteor else False,
                                 attributes_file=schema.attributes_path(data_dir, split), blind=blind)
