@@ -109,6 +109,30 @@ def test_eval_bad_inputs(trained_run, converted, tmp_path, capfast_cli):
                        "tset.beton not found", "holds: train, val")
 
 
+def test_eval_without_references_refuses_before_reading_the_split(trained_run, converted, tmp_path, capfast_cli):
+    """No refs_val.json: refused before the split is decoded. The beton is junk too, and the loader's error about
+    it (which a check after decoding would meet first) does not come."""
+    data = tmp_path / "data"
+    shutil.copytree(converted, data)
+    (data / "refs_val.json").unlink()
+    (data / "val.beton").write_bytes(b"not a beton at all" * 10)
+    result = capfast_cli("eval", "--checkpoint", trained_run / "best.pt", "--data", data, "--split", "val")
+    assert_clean_error(result, "capfast eval needs the val split's reference captions", "refs_val.json not found")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("eval", "--data", "d", "--beam", "0"), "--beam must be an integer >= 1, got 0"),
+    (("eval", "--data", "d", "--max-len", "0"), "--max-len must be an integer >= 1, got 0"),
+    (("eval", "--data", "d", "--batch-size", "0"), "--batch-size must be an integer >= 1, got 0"),
+    (("caption", "--beam", "0", "x.jpg"), "--beam must be an integer >= 1, got 0"),
+    (("caption", "--max-len", "-3", "x.jpg"), "--max-len must be an integer >= 1, got -3"),
+])
+def test_generation_flags_refuse_what_the_recipe_s_keys_refuse(tmp_path, capfast_cli, args, message):
+    """--beam and --max-len are eval.beam_size and eval.max_len's rules (GenerationOptions), --batch-size is
+    data.batch_size's (LoaderOptions): refused while parsing, before the checkpoint is even looked for."""
+    assert_clean_error(capfast_cli(*args, "--checkpoint", tmp_path / "nope.pt"), message)
+
+
 def test_eval_under_torchrun_scores_every_image_once(trained_run, converted, tmp_path, free_port):
     import subprocess
     import sys
@@ -138,18 +162,22 @@ def test_eval_needs_no_meta_json(trained_run, converted, tmp_path, capfast_cli):
 
 def test_max_images_counts_over_all_ranks(trained_run, converted):
     """Under DDP each rank scores its share: N ranks together score max_images, not N x max_images."""
+    from capfast.data import LoaderOptions
     from capfast.data.loader import CaptionLoader, build_loader
     from capfast.data.order import Shard
     from capfast.eval.evaluate import generate_split
+    from capfast.models.generate import GenerationOptions
     from capfast.models.load import load_model
 
     model, record = load_model(trained_run / "best.pt")
     vocab = record.vocab
-    settings = build_loader(converted / "val.beton", batch_size=4, train=False, image_size=32).settings
+    settings = build_loader(converted / "val.beton", LoaderOptions(batch_size=4, image_size=32), train=False,
+                            normalization=model.normalization).settings
     ids = []
     for rank in (0, 1):
         rank_loader = CaptionLoader(converted / "val.beton", settings, Shard(rank, 2))
-        results = generate_split(model, rank_loader, vocab, beam_size=1, max_images=5).results
+        results = generate_split(model, rank_loader, vocab, generation=GenerationOptions(beam_size=1),
+                                 max_images=5).results
         assert len(results) == (3, 2)[rank]
         ids += list(results)
     assert len(set(ids)) == 5

@@ -4,6 +4,7 @@ Loaders use one ffcv thread: numba compiles each loader's pipeline, and the para
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torchvision.io as tio
 
 from capfast.common.normalization import IMAGENET
-from capfast.data import Batch, augment, build_loader, preprocess_images
+from capfast.data import Batch, LoaderOptions, augment, build_loader, preprocess_images
 from capfast.data.order import batch_seed
 from capfast.errors import CapfastError
 from capfast.store import schema
@@ -27,10 +28,11 @@ SOLID = (200, 100, 30)
 DECODER_ATOL = 6 / 255 / 0.224
 
 
-def loader(beton, **kwargs):
-    kwargs.setdefault("batch_size", 4)
-    kwargs.setdefault("train", True)
-    return build_loader(beton, image_size=SIZE, num_workers=1, **kwargs)
+def loader(beton, train=True, seed=0, device="cpu", dtype=torch.float32, distributed=False, **options):
+    """SIZE² images in batches of 4 on one ffcv thread, unless `options` (LoaderOptions' fields) say otherwise."""
+    options = LoaderOptions(**{"batch_size": 4, "image_size": SIZE, "workers": 1, **options})
+    return build_loader(beton, options, train=train, seed=seed, device=device, dtype=dtype, distributed=distributed,
+                        normalization=IMAGENET)
 
 
 def write_beton(path, images, fields=None, records=None):
@@ -259,13 +261,34 @@ def test_bad_files_raise_one_line_errors(tmp_path, train_beton):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 0}, "batch size"), ({"order": "shuffled"}, "unknown order"), ({"dtype": torch.int8}, "dtype"),
-    ({"crop_scale": (0.5, 2.0)}, "crop scale"), ({"seed": -1}, "seed"), ({"color_jitter": 1.5}, "jitter"),
-    ({"distributed": True}, "init_process_group"), ({"batch_size": 64}, "fewer than one batch"),
+    # options made in code are refused as the recipe's data.* keys are (capfast.data.options)
+    ({"batch_size": 0}, "data.batch_size must be an integer >= 1, got 0"),
+    ({"image_size": 8}, "data.image_size must be an integer >= 16 and <= 4096, got 8"),
+    ({"order": "shuffled"}, "data.order must be one of random, quasi_random, sequential, got \"shuffled\""),
+    ({"crop_scale": (0.5, 2.0)}, "data.crop_scale must be a list of 2 numbers, each > 0 and <= 1, got [0.5, 2.0]"),
+    ({"crop_ratio": (0, 1)}, "data.crop_ratio must be a list of 2 numbers, each > 0, got [0, 1]"),
+    ({"crop_ratio": (1.5, 0.5)}, "data.crop_ratio must be (low, high) with low <= high, got [1.5, 0.5]"),
+    ({"color_jitter": 1.5}, "data.color_jitter must be a number >= 0 and < 1, got 1.5"),
+    ({"workers": -1}, "data.workers must be an integer >= 0, got -1"),
+    ({"dtype": torch.int8}, "dtype"), ({"distributed": True}, "init_process_group"),
+    ({"batch_size": 64}, "fewer than one batch"),
 ])
 def test_bad_arguments_raise_one_line_errors(train_beton, kwargs, message):
-    with pytest.raises(CapfastError, match=message):
+    with pytest.raises(CapfastError, match=re.escape(message)) as error:
         loader(train_beton, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_crop_ratio_is_an_option(mixed_beton):
+    """data.crop_ratio reaches the crops: (1, 1) draws square boxes, as random_crop_boxes does with it."""
+    train = loader(mixed_beton, batch_size=2, seed=3, crop_ratio=(1, 1))
+    assert train.settings.crop_ratio == (1.0, 1.0)
+    batch = list(train.epoch(0))[0]
+    picked = [decoded(mixed_beton)[i] for i in train.rank_order(0)[:2]]
+    generator = torch.Generator().manual_seed(batch_seed(3, 0, 0))
+    boxes = augment.random_crop_boxes(augment.image_sizes(picked), (0.35, 1.0), (1.0, 1.0), generator)
+    expected = augment.normalize(augment.resize_per_image(picked, boxes, SIZE), torch.float32, IMAGENET)
+    assert torch.allclose(batch.images, expected, atol=DECODER_ATOL)
 
 
 def test_an_error_on_ffcv_s_thread_is_raised_instead_of_hanging(train_beton):
@@ -355,6 +378,7 @@ def test_cuda_eval_and_preprocess_match_the_cpu(mixed_beton):
 @pytest.mark.gpu
 def test_cuda_loader_runs_epochs_at_224(train_beton):
     """Its speed is `capfast bench loader --device cuda`'s line, not an assertion here."""
-    cuda = build_loader(train_beton, batch_size=8, train=True, device="cuda", dtype=torch.bfloat16, image_size=224)
+    cuda = build_loader(train_beton, LoaderOptions(batch_size=8, image_size=224), train=True, device="cuda",
+                        dtype=torch.bfloat16, normalization=IMAGENET)
     count = sum(len(b.image_ids) for epoch in range(0, 3) for b in cuda.epoch(epoch))
     assert count == 3 * 32

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from capfast.common.normalization import IMAGENET
-from capfast.data import augment, build_loader, resize_cpu
+from capfast.data import LoaderOptions, augment, build_loader, resize_cpu
 from capfast.data.order import batch_seed
 from capfast.store import schema
 
@@ -40,6 +40,12 @@ def noise_beton(tmp_path_factory):
     """24 records of noise (the hardest case for a resize): mixed sizes, then 256 x 256 ones."""
     sizes = [(64, 48), (40, 64), (64, 64), (33, 50), (64, 20), (50, 50)] + [(256, 256)] * 18
     return write_beton(tmp_path_factory.mktemp("noise") / "noise.beton", noise_images(sizes, seed=1))
+
+
+def loader(beton, train: bool, seed: int = 0, **options):
+    """The CPU loader on one ffcv thread, SIZE² unless `options` (LoaderOptions' fields) say otherwise."""
+    options = LoaderOptions(**{"image_size": SIZE, "workers": 1, **options})
+    return build_loader(beton, options, train=train, seed=seed, normalization=IMAGENET)
 
 
 def ffcv_decoded(beton) -> list[torch.Tensor]:
@@ -115,8 +121,7 @@ def test_kernel_is_torch_s_resize_jitter_and_normalize(dtype):
 
 def test_the_stage_resizes_the_seeded_boxes_of_the_loader_s_own_decode(noise_beton):
     """Same pixels as the stage (ffcv's decode), boxes recomputed from (seed, epoch, batch): only rounding differs."""
-    train = build_loader(noise_beton, batch_size=3, train=True, image_size=SIZE, num_workers=1, seed=7,
-                         color_jitter=0.3)
+    train = loader(noise_beton, train=True, seed=7, batch_size=3, color_jitter=0.3)
     batches, records, decoded = list(train.epoch(1)), train.rank_order(1), ffcv_decoded(noise_beton)
     assert len(batches) == 8
     for b, batch in enumerate(batches):
@@ -130,15 +135,14 @@ def test_the_stage_resizes_the_seeded_boxes_of_the_loader_s_own_decode(noise_bet
 
 @pytest.mark.parametrize("batch_size", [5, 20])  # 20: a full chunk of decodes, a partial one (DECODES_PER_CHUNK 16)
 def test_eval_stage_resizes_whole_images(noise_beton, batch_size):
-    images = torch.cat([b.images for b in build_loader(noise_beton, batch_size=batch_size, train=False,
-                                                          image_size=SIZE, num_workers=1).epoch(0)])
+    images = torch.cat([b.images for b in loader(noise_beton, train=False, batch_size=batch_size).epoch(0)])
     for image, got in zip(ffcv_decoded(noise_beton), images, strict=True):
         expected = torch_reference(image, (0, 0, image.shape[1], image.shape[2]), SIZE)
         assert (got - expected).abs().max() <= rounding()
 
 
 def test_kept_batches_keep_their_pixels_and_dropped_ones_are_reused(noise_beton):
-    train = build_loader(noise_beton, batch_size=2, train=True, image_size=SIZE, num_workers=1, seed=0)
+    train = loader(noise_beton, train=True, seed=0, batch_size=2)
     kept = list(train.epoch(0))  # 12 batches alive at once: more than the pool holds
     assert len({b.images.data_ptr() for b in kept}) == len(kept)
     streamed = set()
@@ -159,7 +163,7 @@ def large_noise_beton(tmp_path_factory):
 def test_one_worker_means_one_thread_does_all_the_image_work(large_noise_beton):
     """Decode, crop, resize and normalize all ran on one thread (ffcv's), none on numba's or torch's pools, nor
     on the producer thread, which only wraps the finished arrays."""
-    train = build_loader(large_noise_beton, batch_size=8, train=True, image_size=224, num_workers=1, seed=0)
+    train = loader(large_noise_beton, train=True, seed=0, batch_size=8, image_size=224)
     list(train.epoch(0))  # compiles the stage
     with ThreadTimes() as used:
         list(train.epoch(1))  # a new ffcv thread and a new producer thread, gone when the epoch ends

@@ -17,23 +17,32 @@ TIMEOUT_S = 240
 def rank_main(rank: int, train_beton: str, val_beton: str, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from capfast.data import build_loader
+    from capfast.common.normalization import IMAGENET
+    from capfast.data import LoaderOptions, build_loader
+    from capfast.errors import CapfastError
 
-    def loader(beton, **kwargs):
-        return build_loader(beton, image_size=16, num_workers=1, distributed=True, **kwargs)
+    def loader(beton, train: bool, **options):
+        options = LoaderOptions(image_size=16, workers=1, **options)
+        return build_loader(beton, options, train=train, distributed=True, normalization=IMAGENET)
 
     def image_ids(batches):
         return [i for batch in batches for i in batch.image_ids.tolist()]
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        train = loader(train_beton, batch_size=3, train=True)
+        train = loader(train_beton, batch_size=WORLD * 3, train=True)  # batch sizes are over all processes
         epochs = [list(train.epoch(e)) for e in (0, 1)]
-        quasi = list(loader(train_beton, batch_size=3, train=True, order="quasi_random", os_cache=False).epoch(0))
-        val = list(loader(val_beton, batch_size=5, train=False).epoch(0))
+        quasi = loader(train_beton, batch_size=WORLD * 3, train=True, order="quasi_random", os_cache=False)
+        quasi = list(quasi.epoch(0))
+        val = list(loader(val_beton, batch_size=9, train=False).epoch(0))  # 5 per rank: ceil(9 / 2)
+        try:
+            loader(train_beton, batch_size=5, train=True)
+            uneven = None
+        except CapfastError as e:
+            uneven = str(e)
         result = {"len": len(train), "batches": [len(e) for e in epochs], "train": [image_ids(e) for e in epochs],
                   "quasi": image_ids(quasi), "eval": image_ids(val),
-                  "eval_batch_sizes": [len(b.image_ids) for b in val]}
+                  "eval_batch_sizes": [len(b.image_ids) for b in val], "uneven": uneven}
     finally:
         dist.destroy_process_group()
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
@@ -68,3 +77,4 @@ def test_two_ranks_get_disjoint_equal_shards_and_eval_sees_every_image_once(tmp_
     val_ids = BetonContents(val_beton).image_ids.tolist()
     assert ranks[0]["eval"] + ranks[1]["eval"] == val_ids  # each image once, contiguous shards in file order
     assert [r["eval_batch_sizes"] for r in ranks] == [[5, 1], [5, 1]]
+    assert [r["uneven"] for r in ranks] == ["data.batch_size=5 does not split evenly over 2 processes"] * WORLD

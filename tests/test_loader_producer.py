@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from capfast.data import build_loader
+from capfast.common.normalization import IMAGENET
+from capfast.data import LoaderOptions, build_loader
 from capfast.errors import CapfastError
 
 # numba prints a harmless KeyError when ffcv's compiled pipelines are garbage-collected
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 SIZE, BATCH = 32, 4  # 8 batches per epoch of the 32-image synthetic split
 
 
-def loader(beton, **kwargs):
-    return build_loader(beton, batch_size=BATCH, train=True, image_size=SIZE, num_workers=1, seed=0, **kwargs)
+def loader(beton, prefetch: int, device="cpu", dtype=torch.float32):
+    options = LoaderOptions(batch_size=BATCH, image_size=SIZE, workers=1, prefetch=prefetch)
+    return build_loader(beton, options, train=True, device=device, dtype=dtype, seed=0, normalization=IMAGENET)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ def test_ready_batches_counts_the_prepared_batches(producer_loader, sync_loader)
 
 
 def test_a_negative_prefetch_is_a_one_line_error(train_beton):
-    with pytest.raises(CapfastError, match="prefetch must be an integer >= 0"):
+    with pytest.raises(CapfastError, match="data.prefetch must be an integer >= 0, got -1"):
         loader(train_beton, prefetch=-1)
 
 

@@ -136,7 +136,7 @@ def test_each_image_shows_the_colours_its_attributes_record(converted):
     import torch
 
     from capfast.common.normalization import IMAGENET
-    from capfast.data import build_loader
+    from capfast.data import LoaderOptions, build_loader
     from capfast.eval.attributes import load_attributes
     from capfast.eval.evaluate import _denormalize
     from capfast.pack.synth import ANCHORS, BACKGROUNDS, COLORS
@@ -144,8 +144,8 @@ def test_each_image_shows_the_colours_its_attributes_record(converted):
     palette = {**COLORS, **BACKGROUNDS}
     rgb = torch.tensor(list(palette.values()), dtype=torch.float32)
     attributes = load_attributes(converted / "attributes_val.json")
-    loader = build_loader(converted / "val.beton", batch_size=8, train=False, device=torch.device("cpu"),
-                          image_size=64)
+    loader = build_loader(converted / "val.beton", LoaderOptions(batch_size=8, image_size=64), train=False,
+                          device=torch.device("cpu"), normalization=IMAGENET)
     checked = right = 0
     for batch in loader.epoch(0):
         for image, image_id in zip(_denormalize(batch.images, IMAGENET) * 255, batch.image_ids.tolist()):

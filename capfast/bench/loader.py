@@ -26,11 +26,13 @@ import click
 import numpy as np
 import torch
 
+from capfast.common.options import default
+from capfast.data import LoaderOptions
 from capfast.errors import CapfastError
 from capfast.store import schema
 
 WARMUP_BATCHES = 3
-CROP_SCALE, CROP_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
+CROP_SCALE, CROP_RATIO = default(LoaderOptions, "crop_scale"), default(LoaderOptions, "crop_ratio")
 
 
 class PilDataset(torch.utils.data.Dataset):
@@ -102,13 +104,13 @@ def read_records(beton, count: int):
     return [contents.image_bytes(i) for i in range(count)], contents.captions_of(np.arange(count))
 
 
-def run_capfast(beton, device, batch_size, workers, batches, image_size, prefetch=3) -> Timing:
+def run_capfast(beton, device, batch_size, workers, batches, image_size, prefetch) -> Timing:
+    from capfast.common.normalization import IMAGENET
     from capfast.data import build_loader
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loader = build_loader(beton, batch_size=batch_size, train=True, device=device, dtype=dtype,
-                          image_size=image_size, num_workers=workers, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO,
-                          prefetch=prefetch)
+    options = LoaderOptions(batch_size=batch_size, image_size=image_size, workers=workers, prefetch=prefetch)
+    loader = build_loader(beton, options, train=True, device=device, dtype=dtype, normalization=IMAGENET)
     return timed(capfast_batches(loader), batches, batch_size, device)
 
 
@@ -208,7 +210,7 @@ def jpeg_and_ceiling_figures(beton, device: torch.device, batch_size: int, capfa
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--workers", type=int, default=None, help="ffcv threads and DataLoader workers [default: all cores].")
 @click.option("--batches", default=20, show_default=True, type=int, help="Timed batches, after 3 warm-up batches.")
-@click.option("--prefetch", default=3, show_default=True, type=click.IntRange(min=0),
+@click.option("--prefetch", default=default(LoaderOptions, "prefetch"), show_default=True, type=click.IntRange(min=0),
               help="Batches the loader's producer thread prepares ahead (0: none, the synchronous path).")
 @click.option("--image-size", default=224, show_default=True, type=int, help="Crop size.")
 @click.option("--baseline", type=click.Choice(["pil", "ffcv", "all"]), default=None, is_flag=False, flag_value="pil",
@@ -223,7 +225,7 @@ def command(beton, device, batch_size, workers, batches, prefetch, image_size, b
     from capfast.data.loader import resolve_workers
 
     device = torch.device(device)
-    workers = resolve_workers(workers)
+    workers = resolve_workers(workers or 0)
     args = (beton, device, batch_size, workers, batches, image_size)
     contenders = {"capfast": functools.partial(run_capfast, *args, prefetch)}
     if baseline in ("pil", "all"):

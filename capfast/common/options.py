@@ -6,7 +6,8 @@
 
 The type comes from the annotation (bool, int, float, str, `str | None`, `tuple[float, ...]`); bool is never
 accepted as a number. `build(cls, values)` turns a dict of TOML values into the dataclass or raises a one-line
-CapfastError naming the key, the valid values and what it got.
+CapfastError naming the key, the valid values and what it got; `validated(obj)` checks an instance made in code
+the same way, and `checked_field` one value (a command-line option's).
 """
 
 import dataclasses
@@ -48,6 +49,18 @@ def build(cls, values: dict, prefix: str = "", unknown_key=None, flags: bool = F
         elif "rules" in f.metadata:  # a default must satisfy its own rules too
             checked(key(name), hints[name], f, f.default)
     return cls(**kwargs)
+
+
+def validated(obj, prefix: str = ""):
+    """A copy of the dataclass instance `obj` whose fields passed `build`'s checks: one made in code gets the
+    same one-line error as a TOML value (and the same conversions: int -> float, list -> tuple)."""
+    return build(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, prefix)
+
+
+def checked_field(cls, name: str, value, key: str):
+    """`value` checked against field `name` of `cls` (converted as `build` converts it); errors name `key`."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return checked(key, typing.get_type_hints(cls)[name], f, value)
 
 
 def default(cls, name: str):

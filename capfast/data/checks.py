@@ -1,4 +1,5 @@
-"""Checks of build_loader's arguments and of the beton it reads: one-line CapfastErrors for bad input."""
+"""Checks of build_loader's runtime arguments and of the beton it reads: one-line CapfastErrors for bad input.
+The user's options have their rules in capfast.data.options."""
 
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 import torch
 
 from capfast.data import order as orders
+from capfast.data.options import KEY_PREFIX
 from capfast.errors import CapfastError
 from capfast.store import schema
 
@@ -35,12 +37,6 @@ def shard(distributed: bool) -> orders.Shard:
     return orders.Shard(dist.get_rank(), dist.get_world_size())
 
 
-def positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise CapfastError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def device(device) -> torch.device:
     try:
         device = torch.device(device)
@@ -59,42 +55,20 @@ def dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def resolve_workers(num_workers) -> int:
-    """ffcv threads: all cores this process may use (shared by the ranks of a node), clamped, since ffcv
-    raises when asked for more threads than cores."""
+def resolve_workers(workers: int) -> int:
+    """ffcv threads: `workers` clamped to the cores this process may use (ffcv raises when asked for more threads
+    than cores); 0: those cores shared by the ranks of this node."""
     cores = len(os.sched_getaffinity(0))
-    if num_workers is None:
+    if workers == 0:
         return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    return max(1, min(int(num_workers), cores))
+    return max(1, min(int(workers), cores))
 
 
-def seed(seed) -> int:
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise CapfastError(f"seed must be an integer >= 0, got {seed!r}")
-    return int(seed)
-
-
-def order(order: str) -> str:
-    if order not in orders.ORDERS:
-        raise CapfastError(f"unknown order {order!r}; choose one of {', '.join(orders.ORDERS)}")
-    return order
-
-
-def interval(values, what: str, upper) -> tuple:
-    low, high = (float(v) for v in values)
-    if not (0 < low <= high) or (upper is not None and high > upper):
-        bound = f" and at most {upper}" if upper is not None else ""
-        raise CapfastError(f"{what} must be (low, high) with 0 < low <= high{bound}, got {tuple(values)}")
-    return low, high
-
-
-def prefetch(prefetch) -> int:
-    if isinstance(prefetch, bool) or int(prefetch) != prefetch or prefetch < 0:
-        raise CapfastError(f"prefetch must be an integer >= 0 (batches prepared ahead), got {prefetch!r}")
-    return int(prefetch)
-
-
-def jitter(strength) -> float:
-    if not 0 <= float(strength) < 1:
-        raise CapfastError(f"color jitter must be in [0, 1), got {strength}")
-    return float(strength)
+def rank_batch_size(batch_size: int, world_size: int, train: bool) -> int:
+    """This rank's share of a batch over all processes. Training needs equal shares (N ranks × B/N train exactly
+    like 1 × B); evaluation reads every record once whatever the shares, so it takes ceil(B / N)."""
+    if not train:
+        return -(-batch_size // world_size)
+    if batch_size % world_size:
+        raise CapfastError(f"{KEY_PREFIX}batch_size={batch_size} does not split evenly over {world_size} processes")
+    return batch_size // world_size

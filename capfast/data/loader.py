@@ -19,17 +19,18 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from capfast.common.normalization import IMAGENET, Normalization
+from capfast.common.normalization import Normalization
+from capfast.common.options import validated
 from capfast.data import augment, checks
 from capfast.data import order as orders
 from capfast.data.augment import preprocess_images  # noqa: F401  (part of this module's API)
 from capfast.data.checks import COMPUTE_DTYPES, resolve_workers  # noqa: F401  (part of this module's API)
+from capfast.data.options import KEY_PREFIX, LoaderOptions
 from capfast.data.producer import EpochBatches, Producer
 from capfast.errors import CapfastError
 from capfast.store import schema
 
 IMAGE_INFO = "image_info"  # (height, width, nbytes) of each image: an extra ffcv output read from `image`
-DEFAULT_PREFETCH = 3
 # Held while a batch's CUDA work is enqueued: see _cuda_batch for the nvJPEG output-memory hazard it guards.
 _CUDA_ENQUEUE = threading.Lock()
 
@@ -47,7 +48,9 @@ class Batch:
 
 @dataclass(frozen=True)
 class LoaderSettings:
-    batch_size: int
+    """What one rank's loader does: the user's LoaderOptions resolved for this rank and run."""
+
+    batch_size: int  # this rank's share of the options' batch
     train: bool
     device: torch.device
     dtype: torch.dtype
@@ -62,32 +65,32 @@ class LoaderSettings:
     # "stage": each JPEG decoded with its crop and resize in ffcv's parallel stage (the CPU path); "batched": the
     # stored bytes of a batch go to one decode_jpegs call (nvJPEG on CUDA; torchvision on the CPU, for tests)
     decode: str
-    normalization: Normalization = IMAGENET  # the encoder's input normalization
-    prefetch: int = DEFAULT_PREFETCH  # batches a producer thread prepares ahead; 0: prepared on the consumer's
+    normalization: Normalization  # the encoder's input normalization
+    prefetch: int  # batches a producer thread prepares ahead; 0: prepared on the consumer's
 
 
-def build_loader(beton, *, batch_size, train: bool, device="cpu", dtype=torch.float32, image_size=224,
-                 num_workers=None, seed=0, distributed=False, order="random", os_cache=True,
-                 crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3), color_jitter=0.0,
-                 prefetch=DEFAULT_PREFETCH, vocab_size: int | None = None,
-                 normalization: Normalization = IMAGENET) -> "CaptionLoader":
-    """A loader over `beton` (written by `capfast convert`). train=True: seeded shuffled order that changes every
-    epoch, full batches only, random resized crops (+ optional colour jitter). train=False: file order, every
-    record exactly once (over all ranks when distributed), each whole image resized to image_size.
-    prefetch: batches a producer thread prepares ahead of the consumer (0: none, all work on the consumer's
-    thread); the batches are the same either way. vocab_size: every caption token id must be below it (checked
-    once, here: a one-line error naming the record, not an IndexError at step 1). normalization: the encoder's
-    (models.Captioner.preprocessing), on both the CPU stage and the GPU path."""
+def build_loader(beton, options: LoaderOptions, *, train: bool, device="cpu", dtype=torch.float32, seed: int = 0,
+                 distributed: bool = False, normalization: Normalization,
+                 vocab_size: int | None = None) -> "CaptionLoader":
+    """A loader over `beton` (written by `capfast convert`); `options` are checked by their rules first.
+    train=True: seeded shuffled order that changes every epoch, full batches only, random resized crops (+ optional
+    colour jitter); options.batch_size must split evenly over the processes. train=False: file order, every record
+    exactly once (over all ranks when distributed), each whole image resized to image_size, ceil(batch_size /
+    processes) per rank; order, crops and jitter do not apply. seed: the run's (TrainConfig checks it).
+    normalization: the encoder's (models.Captioner.preprocessing), on both the CPU stage and the GPU path; no
+    default, since a wrong one trains without an error. vocab_size: every caption token id must be below it
+    (checked once, here: a one-line error naming the record, not an IndexError at step 1)."""
+    options = validated(options, KEY_PREFIX)
     device = checks.device(device)
+    shard = checks.shard(distributed)
     settings = LoaderSettings(
-        batch_size=checks.positive_int(batch_size, "batch size"), train=bool(train), device=device,
-        dtype=checks.dtype(dtype), image_size=checks.positive_int(image_size, "image size"),
-        workers=resolve_workers(num_workers), seed=checks.seed(seed), order=checks.order(order),
-        os_cache=bool(os_cache), crop_scale=checks.interval(crop_scale, "crop scale", 1.0),
-        crop_ratio=checks.interval(crop_ratio, "crop ratio", None), color_jitter=checks.jitter(color_jitter),
-        decode="batched" if device.type == "cuda" else "stage", normalization=normalization,
-        prefetch=checks.prefetch(prefetch))
-    loader = CaptionLoader(beton, settings, checks.shard(distributed))
+        batch_size=checks.rank_batch_size(options.batch_size, shard.world_size, train), train=bool(train),
+        device=device, dtype=checks.dtype(dtype), image_size=options.image_size,
+        workers=resolve_workers(options.workers), seed=int(seed), order=options.order if train else "sequential",
+        os_cache=options.os_cache, crop_scale=options.crop_scale, crop_ratio=options.crop_ratio,
+        color_jitter=options.color_jitter if train else 0.0, decode="batched" if device.type == "cuda" else "stage",
+        normalization=normalization, prefetch=options.prefetch)
+    loader = CaptionLoader(beton, settings, shard)
     if vocab_size is not None:
         from capfast.store.beton import BetonContents, check_token_ids
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from capfast.errors import CapfastError
-from capfast.eval.cli_options import DEFAULT_BEAM, DEFAULT_MAX_LEN, generation_options
+from capfast.eval.cli_options import generation_options
+from capfast.models.generate import GenerationOptions
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -24,8 +25,8 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def caption_images(model, vocab, images: list[torch.Tensor], *, beam_size=DEFAULT_BEAM, max_len=DEFAULT_MAX_LEN,
-                   batch_size=32, amp_dtype=None) -> list[str]:
+def caption_images(model, vocab, images: list[torch.Tensor], *, generation: GenerationOptions, batch_size=32,
+                   amp_dtype=None) -> list[str]:
     """Each uint8 [3, h, w] image resized whole to the model's input size and normalized as its encoder wants."""
     from capfast.data import preprocess_images
     from capfast.eval.evaluate import caption_batch
@@ -35,7 +36,7 @@ def caption_images(model, vocab, images: list[torch.Tensor], *, beam_size=DEFAUL
     for start in range(0, len(images), batch_size):
         batch = preprocess_images(images[start:start + batch_size], image_size=model.image_size, device=device,
                                   dtype=amp_dtype or torch.float32, normalization=model.normalization)
-        captions += caption_batch(model, batch, vocab, beam_size, max_len, amp_dtype)
+        captions += caption_batch(model, batch, vocab, generation, amp_dtype)
     return captions
 
 
@@ -59,8 +60,8 @@ def command(images, checkpoint_path, beam_size, max_len, device, as_json):
         except CapfastError as e:
             click.echo(f"capfast: error: {e}", err=True)
             failed += 1
-    captions = caption_images(model, vocab, tensors, beam_size=beam_size,
-                              max_len=max_len) if tensors else []
+    generation = GenerationOptions(beam_size=beam_size, max_len=max_len)
+    captions = caption_images(model, vocab, tensors, generation=generation) if tensors else []
     for path, caption in zip(readable, captions):
         click.echo(json.dumps({"file": str(path), "caption": caption}) if as_json else f"{path}\t{caption}")
     if failed:

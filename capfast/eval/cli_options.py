@@ -4,15 +4,22 @@ from pathlib import Path
 
 import click
 
+from capfast.common.options import checked_field, default
 from capfast.common.precision import DEVICES
-from capfast.models.generate import check_beam_size
+from capfast.errors import CapfastError
+from capfast.models.generate import GenerationOptions
 
-DEFAULT_BEAM, DEFAULT_MAX_LEN = 3, 20
 
+def checked_by(cls):
+    """A click callback: the option's value checked by the rules of field `param.name` of the dataclass `cls`
+    (declare its default from the same field), so a flag and the recipe key it mirrors accept the same values."""
+    def callback(ctx, param, value):
+        try:
+            return checked_field(cls, param.name, value, key=param.opts[0])
+        except CapfastError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
 
-def _beam(ctx, param, value: int) -> int:
-    check_beam_size(value, "--beam")
-    return value
+    return callback
 
 
 def generation_options(command):
@@ -21,10 +28,10 @@ def generation_options(command):
         click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(path_type=Path),
                      help="A checkpoint written by `capfast train` (best.pt or last.pt), or a folder of "
                           "`capfast export`."),
-        click.option("--beam", "beam_size", default=DEFAULT_BEAM, show_default=True, callback=_beam,
-                     help="Beam size; 1 = greedy."),
-        click.option("--max-len", default=DEFAULT_MAX_LEN, show_default=True, type=click.IntRange(min=1),
-                     help="Longest generated caption, in tokens."),
+        click.option("--beam", "beam_size", type=int, default=default(GenerationOptions, "beam_size"),
+                     show_default=True, callback=checked_by(GenerationOptions), help="Beam size; 1 = greedy."),
+        click.option("--max-len", type=int, default=default(GenerationOptions, "max_len"), show_default=True,
+                     callback=checked_by(GenerationOptions), help="Longest generated caption, in tokens."),
         click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
                      help="auto: the GPU where there is one."),
     ]

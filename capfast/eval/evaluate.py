@@ -12,7 +12,10 @@ import click
 import torch
 
 from capfast.common import progress
-from capfast.eval.cli_options import DEFAULT_BEAM, DEFAULT_MAX_LEN, generation_options
+from capfast.common.options import default
+from capfast.data import LoaderOptions
+from capfast.eval.cli_options import checked_by, generation_options
+from capfast.models.generate import GenerationOptions
 from capfast.store import schema
 from capfast.store.references import load_references
 
@@ -26,8 +29,8 @@ class Report:
 
 
 @torch.inference_mode()
-def generate_split(model, loader, vocab, *, beam_size=DEFAULT_BEAM, max_len=DEFAULT_MAX_LEN, max_images=0,
-                   amp_dtype=None, keep_samples=4, progress_seconds=progress.DEFAULT_SECONDS) -> Report:
+def generate_split(model, loader, vocab, *, generation: GenerationOptions, max_images=0, amp_dtype=None,
+                   keep_samples=4, progress_seconds=progress.DEFAULT_SECONDS) -> Report:
     """This rank's captions for its shard of the loader's split; with max_images, this rank's share of them."""
     model.eval()
     report = Report()
@@ -40,7 +43,7 @@ def generate_split(model, loader, vocab, *, beam_size=DEFAULT_BEAM, max_len=DEFA
             images, image_ids = batch.images, batch.image_ids
             if limit is not None:
                 images, image_ids = images[:limit - len(report.results)], image_ids[:limit - len(report.results)]
-            captions = caption_batch(model, images, vocab, beam_size, max_len, amp_dtype)
+            captions = caption_batch(model, images, vocab, generation, amp_dtype)
             report.results.update(zip(image_ids.tolist(), captions))
             take = keep_samples - len(report.sample_images)
             if take > 0:
@@ -56,26 +59,26 @@ def rank_share(max_images: int, rank: int, world_size: int) -> int:
     return max_images // world_size + (rank < max_images % world_size)
 
 
-def caption_batch(model, images: torch.Tensor, vocab, beam_size: int, max_len: int, amp_dtype=None) -> list[str]:
+def caption_batch(model, images: torch.Tensor, vocab, generation: GenerationOptions, amp_dtype=None) -> list[str]:
     """One caption per image of a preprocessed batch."""
     from capfast.common.precision import autocast_context
     from capfast.models.generate import generate
 
     with autocast_context(images.device, amp_dtype):
-        tokens, _ = generate(model, images, beam_size=beam_size, max_len=max_len)
+        tokens, _ = generate(model, images, beam_size=generation.beam_size, max_len=generation.max_len)
     return [vocab.decode(row) for row in tokens.tolist()]
 
 
-def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=DEFAULT_BEAM, max_len=DEFAULT_MAX_LEN,
-                   max_images=0, amp_dtype=None, ptb_java=False, meteor="auto", attributes_file=None, blind=False,
+def evaluate_model(model, loader, vocab, refs_file: Path, *, generation: GenerationOptions, max_images=0,
+                   amp_dtype=None, ptb_java=False, meteor="auto", attributes_file=None, blind=False,
                    progress_seconds=progress.DEFAULT_SECONDS) -> Report:
     """Generates on every rank, gathers on rank 0 and scores there (other ranks get empty metrics).
 
     attributes_file (attributes_SPLIT.json of `capfast synth` data): adds accuracy/color, /shape, /position.
     blind=True adds the same metrics as "blind/..." for the same model shown a blank image instead of each
     image: what it says without looking, the chance level of every score."""
-    report = generate_split(model, loader, vocab, beam_size=beam_size, max_len=max_len,
-                          max_images=max_images, amp_dtype=amp_dtype, progress_seconds=progress_seconds)
+    report = generate_split(model, loader, vocab, generation=generation, max_images=max_images, amp_dtype=amp_dtype,
+                            progress_seconds=progress_seconds)
     report.results = _gather_results(report.results)
     if report.results is None:
         return Report()
@@ -84,8 +87,8 @@ def evaluate_model(model, loader, vocab, refs_file: Path, *, beam_size=DEFAULT_B
     attributes = _load_attributes(attributes_file)
     report.metrics = _scores(report.results, references, attributes, ptb_java=ptb_java, meteor=meteor)
     if blind:
-        caption = blind_caption(model, vocab, loader.settings.image_size, loader.settings.dtype, beam_size,
-                                max_len, amp_dtype)
+        caption = blind_caption(model, vocab, loader.settings.image_size, loader.settings.dtype, generation,
+                                amp_dtype)
         blind_results = dict.fromkeys(report.results, caption)
         scores = _scores(blind_results, references, attributes, ptb_java=ptb_java, meteor=False)
         report.metrics.update({f"blind/{k}": v for k, v in scores.items()})
@@ -111,13 +114,13 @@ def _load_attributes(path):
 
 
 @torch.inference_mode()
-def blind_caption(model, vocab, image_size: int, dtype, beam_size: int, max_len: int, amp_dtype=None) -> str:
-    """The caption the model gives a blank image (all zeros after normalization: ImageNet's mean colour).
+def blind_caption(model, vocab, image_size: int, dtype, generation: GenerationOptions, amp_dtype=None) -> str:
+    """The caption the model gives a blank image: the encoder's mean colour (all zeros after its normalization).
     Generation is per image, so every image blanked would get this same caption."""
     device = next(model.parameters()).device
     blank = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
     model.eval()
-    return caption_batch(model, blank, vocab, beam_size, max_len, amp_dtype)[0]
+    return caption_batch(model, blank, vocab, generation, amp_dtype)[0]
 
 
 def _gather_results(results: dict):
@@ -146,8 +149,8 @@ def _denormalize(images: torch.Tensor, normalization) -> torch.Tensor:
 @click.option("--split", default="val", show_default=True,
               help="The split to score: DATA/SPLIT.beton, with refs_SPLIT.json beside it.")
 @generation_options
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Images per generation step over all processes (split evenly, as for `capfast train`).")
+@click.option("--batch-size", type=int, default=default(LoaderOptions, "batch_size"), show_default=True,
+              callback=checked_by(LoaderOptions), help="Images per generation step over all processes.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the metrics as one JSON object.")
 @click.option("--results", "results_out", type=click.Path(path_type=Path),
               help="Write the captions in COCO results format: [{image_id, caption}].")
@@ -167,19 +170,21 @@ def command(data_dir, split, checkpoint_path, beam_size, max_len, device, batch_
     from capfast.data import build_loader
     from capfast.models.load import load_model
     from capfast.store.checks import check_split_vocab, require_split
+    from capfast.store.references import require_references
 
     device, dist_info = distributed.setup(device)
     try:
         beton = require_split(data_dir, split)
+        refs_file = require_references(data_dir, split, "capfast eval")  # before anything is decoded
         model, record = load_model(checkpoint_path, device)
         vocab = record.vocab
         check_split_vocab(data_dir, split, vocab, what=f"checkpoint {checkpoint_path}")
-        loader = build_loader(beton, batch_size=-(-batch_size // dist_info.world_size), train=False,
-                              device=device, image_size=model.image_size, normalization=model.normalization,
-                              distributed=dist_info.enabled, vocab_size=len(vocab))
-        report = evaluate_model(model, loader, vocab, schema.refs_path(data_dir, split), beam_size=beam_size,
-                                max_len=max_len, max_images=max_images, ptb_java=ptb_java,
-                                meteor="auto" if meteor else False,
+        options = LoaderOptions(batch_size=batch_size, image_size=model.image_size)
+        loader = build_loader(beton, options, train=False, device=device, distributed=dist_info.enabled,
+                              normalization=model.normalization, vocab_size=len(vocab))
+        report = evaluate_model(model, loader, vocab, refs_file,
+                                generation=GenerationOptions(beam_size=beam_size, max_len=max_len),
+                                max_images=max_images, ptb_java=ptb_java, meteor="auto" if meteor else False,
                                 attributes_file=schema.attributes_path(data_dir, split), blind=blind)
         if dist_info.is_main:
             _print_and_write(report, json_out, results_out)

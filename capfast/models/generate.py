@@ -3,13 +3,26 @@
 Both return (tokens [B, T] without bos, pad after eos; logprob [B] = sum of the chosen tokens' log-probabilities
 including eos). max_len bounds the generated tokens, eos included; eos is forbidden before min_len tokens; pad
 and bos are never generated. Put the model in eval mode first; the functions run under torch.no_grad.
+GenerationOptions: what a user chooses (eval.* keys of a recipe, --beam and --max-len of eval and caption).
 """
+
+from dataclasses import dataclass
 
 import torch
 
+from capfast.common.options import option
 from capfast.errors import CapfastError
 
 NEG_INF = float("-inf")
+
+
+@dataclass
+class GenerationOptions:
+    beam_size: int = option(3, min=1)            # 1 = greedy
+    max_len: int = option(20, min=1)             # longest generated caption in tokens, eos included
+
+
+_DEFAULTS = GenerationOptions()
 
 
 def repeated_ngram_mask(hyps: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
@@ -49,8 +62,8 @@ def check_lengths(max_len: int, min_len: int) -> None:
 
 
 @torch.no_grad()
-def greedy(model, images: torch.Tensor, *, max_len: int = 20, min_len: int = 1, no_repeat_ngram: int = 0,
-           use_cache: bool = True):
+def greedy(model, images: torch.Tensor, *, max_len: int = _DEFAULTS.max_len, min_len: int = 1,
+           no_repeat_ngram: int = 0, use_cache: bool = True):
     """Most likely token at each step -> (tokens [B, T], logprob [B])."""
     check_lengths(max_len, min_len)
     memory = model.encode(images)
@@ -85,8 +98,9 @@ def only_pad_after_eos(logprobs: torch.Tensor, finished: torch.Tensor, pad_id: i
 
 
 @torch.no_grad()
-def beam_search(model, images: torch.Tensor, *, beam_size: int = 3, max_len: int = 20, min_len: int = 1,
-                length_penalty: float = 1.0, no_repeat_ngram: int = 0, use_cache: bool = True):
+def beam_search(model, images: torch.Tensor, *, beam_size: int = _DEFAULTS.beam_size,
+                max_len: int = _DEFAULTS.max_len, min_len: int = 1, length_penalty: float = 1.0,
+                no_repeat_ngram: int = 0, use_cache: bool = True):
     """Batched beam search -> best hypothesis per image (tokens [B, T], logprob [B]).
 
     Hypotheses are ranked by logprob / length**length_penalty (length counts eos), both while pruning and at

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import tomllib
 
-from capfast.common.options import ascending, build, option
+from capfast.common.options import build, option
 from capfast.common.precision import DEVICES, DTYPES
 from capfast.common.signals import DEFAULT_STOP_SIGNALS, signals_problem
-from capfast.data.order import ORDERS
+from capfast.data.options import LoaderOptions
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig
+from capfast.models.generate import GenerationOptions
 from capfast.store.schema import split_name_problem
 
 OBJECTIVES = ("xe", "scst")
@@ -20,17 +21,11 @@ SCST_BASELINES = ("mean", "greedy")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(LoaderOptions):
+    """[data]: the loader's options (capfast.data.LoaderOptions, keys data.batch_size etc.) and the splits read."""
+
     train_split: str = option("train", check=split_name_problem)
     val_split: str = option("val", check=split_name_problem)
-    image_size: int = option(224, min=16, max=4096)
-    batch_size: int = option(64, min=1)          # global: split evenly over DDP ranks
-    workers: int = option(0, min=0)              # decode threads per rank; 0 = all cores / ranks
-    order: str = option("random", choices=ORDERS)  # random | quasi_random (larger than RAM) | sequential
-    os_cache: bool = option(True)
-    crop_scale: tuple[float, float] = option((0.35, 1.0), above=0, max=1, check=ascending)  # crop area / image
-    color_jitter: float = option(0.0, min=0, below=1)
-    prefetch: int = option(3, min=0)            # batches prepared ahead by a producer thread (0 = none: synchronous)
 
 
 @dataclass
@@ -51,10 +46,11 @@ class OptimConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GenerationOptions):
+    """[eval]: generation's options (capfast.models.generate.GenerationOptions, keys eval.beam_size etc.) and when
+    and on how many images validation runs during training."""
+
     every_epochs: int = option(1, min=0)         # 0 disables validation during training
-    beam_size: int = option(3, min=1)
-    max_len: int = option(20, min=1)
     max_images: int = option(0, min=0)           # over all ranks; 0 = the whole validation split
     log_images: int = option(4, min=0)           # images with generated captions shown in TensorBoard
     patience: int = option(0, min=0)             # stop after this many validations in a row without a new best CIDEr

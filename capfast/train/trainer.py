@@ -91,9 +91,6 @@ class Trainer:
                 raise CapfastError(f"data.val_split: {e} (or set eval.every_epochs=0 to train without "
                                    f"validation)") from None
             require_references(self.data_dir, split, "validation (data.val_split)")
-        if cfg.data.batch_size % self.dist.world_size:
-            raise CapfastError(f"data.batch_size={cfg.data.batch_size} does not split evenly over "
-                               f"{self.dist.world_size} processes")
         return vocab
 
     def _model_config(self, cfg: TrainConfig, saved: dict | None, path) -> tuple[TrainConfig, dict | None]:
@@ -155,15 +152,10 @@ class Trainer:
 
     def _make_loader(self, split: str, train: bool):
         beton = schema.beton_path(self.data_dir, split)
-        per_rank_batch = self.cfg.data.batch_size // self.dist.world_size
-        workers = self.cfg.data.workers or None
         return build_loader(
-            beton, batch_size=per_rank_batch, train=train, device=self.device,
-            dtype=self.amp_dtype or torch.float32, image_size=self.cfg.data.image_size,
-            num_workers=workers, seed=self.cfg.seed, distributed=self.dist.enabled,
-            order=self.cfg.data.order if train else "sequential", os_cache=self.cfg.data.os_cache,
-            crop_scale=self.cfg.data.crop_scale, color_jitter=self.cfg.data.color_jitter if train else 0.0,
-            prefetch=self.cfg.data.prefetch, vocab_size=len(self.vocab), normalization=self.model.normalization)
+            beton, self.cfg.data, train=train, device=self.device, dtype=self.amp_dtype or torch.float32,
+            seed=self.cfg.seed, distributed=self.dist.enabled, normalization=self.model.normalization,
+            vocab_size=len(self.vocab))
 
     def _set_encoder_trainable(self, epoch: int) -> None:
         """Freezes or unfreezes the encoder for this epoch; (re)wraps DDP/compile when that changes."""
@@ -385,8 +377,8 @@ class Trainer:
         if self.val_loader is None:  # built once: each new loader pays a numba compile
             self.val_loader = self._make_loader(self.cfg.data.val_split, train=False)
         refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
-        report = evaluate_model(self.model, self.val_loader, self.vocab, refs, beam_size=self.cfg.eval.beam_size,
-                                max_len=self.cfg.eval.max_len, max_images=self.cfg.eval.max_images,
+        report = evaluate_model(self.model, self.val_loader, self.vocab, refs, generation=self.cfg.eval,
+                                max_images=self.cfg.eval.max_images,
                                 amp_dtype=self.amp_dtype, meteor=False,  # METEOR's JVM costs ~10 s a call
                                 attributes_file=schema.attributes_path(self.data_dir, self.cfg.data.val_split),
                                 progress_seconds=self.cfg.progress_seconds)
