@@ -17,7 +17,7 @@ def checked_by(cls):
         try:
             return checked_field(cls, param.name, value, key=param.opts[0])
         except CapfastError as e:
-            raise click.BadParameter(str(e), ctx, param) from None
+            raise click.UsageError(str(e), ctx) from None  # BadParameter would name the flag twice
 
     return callback
 

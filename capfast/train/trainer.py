@@ -32,7 +32,7 @@ from capfast.data import build_loader
 from capfast.errors import CapfastError
 from capfast.models import build_captioner
 from capfast.models.record import ModelRecord
-from capfast.models.run_dir import RunDir, ValidationLog
+from capfast.models.run_dir import RunDir
 from capfast.store import schema
 from capfast.store.beton import data_fingerprint
 from capfast.store.checks import check_data_dir, check_same_vocabulary, require_split
@@ -46,6 +46,7 @@ from capfast.train.reporter import Reporter
 from capfast.train.state import TrainState
 from capfast.train.step_log import StepLog
 from capfast.train.step_watch import StepWatch
+from capfast.train.validation import Validation
 
 STALL_MARGIN_S = 60  # the process group's timeout exceeds dist_timeout_s, so that StallWatch speaks first
 
@@ -64,7 +65,8 @@ class Trainer:
         self.state = TrainState(world_size=self.dist.world_size, config=to_dict(self.cfg),
                                 data=data_fingerprint(schema.beton_path(self.data_dir, self.cfg.data.train_split)))
         self._seed_ranks()
-        self.validations, self.validated_steps, self.saved_step = ValidationLog(), set(), None
+        self.validation, self.saved_step = Validation(self.cfg, self.data_dir, self.run_dir, self.dist,
+                                                      self._make_loader), None
         self.config_changes = self._restore(saved, path) if resume else {}
         self._build_watches()
 
@@ -147,7 +149,6 @@ class Trainer:
         self.stall = stall_watch.StallWatch(self.dist.rank, self.dist.world_size, self.cfg.dist_timeout_s) \
             if self.dist.enabled and stall_watch.available() else None
         self.last_step_time = 0.0
-        self.last_cider = None  # the latest validation's CIDEr in this process's run
         self.stopped = False
 
     def _make_loader(self, split: str, train: bool):
@@ -187,15 +188,13 @@ class Trainer:
             reporter.close(succeeded)
             if self.stall is not None:
                 self.stall.close()
-        best = self.validations.best()
-        return {"step": self.state.step, "epoch": self.state.epoch, "last_cider": self.last_cider,
-                "best_cider": best["metrics"].get("CIDEr", -math.inf) if best else -math.inf,
-                "stopped": self.stopped}
+        return {"step": self.state.step, "epoch": self.state.epoch, "last_cider": self.validation.last_cider,
+                "best_cider": self.validation.best_cider(), "stopped": self.stopped}
 
     def _run(self, reporter: Reporter) -> None:
         """Epochs, each saved at its end and then validated when due, until the run is done or stopped."""
         while True:
-            if self._validation_due():
+            if self.validation.due(self.state):
                 self._validate(reporter)
             if self._finished():
                 return
@@ -210,7 +209,7 @@ class Trainer:
         return self.state.step >= self.stop_step
 
     def _finished(self) -> bool:
-        return self.state.epoch >= self.cfg.epochs or self._done() or self._out_of_patience()
+        return self.state.epoch >= self.cfg.epochs or self._done() or self.validation.out_of_patience()
 
     def _train_epoch(self, reporter: Reporter) -> bool:
         """Trains the current epoch from where it stands: True when it ended, False when max_steps or a stop
@@ -354,54 +353,11 @@ class Trainer:
 
     # ---- validation ----------------------------------------------------------------------------------
 
-    def _validation_due(self) -> bool:
-        """At the start of a run from init_from (so that best.pt and the end-of-run note can compare with the
-        model it started from) and at the end of every eval.every_epochs-th epoch, unless that step was validated
-        already: a resumed run may stand where a validation was cut short, and then runs it."""
-        every, state = self.cfg.eval.every_epochs, self.state
-        if not every or state.mid_epoch or state.step in self.validated_steps:
-            return False
-        return (state.step == 0 and bool(self.cfg.init_from)) or (state.epoch > 0 and state.epoch % every == 0)
-
-    def _out_of_patience(self) -> bool:
-        """eval.patience validations in a row without a new best: stop (rank 0 counts, every rank follows)."""
-        if not self.cfg.eval.patience:
-            return False
-        stale = distributed.broadcast_object(self.validations.stale() if self.dist.is_main else None)
-        return stale >= self.cfg.eval.patience
-
     def _validate(self, reporter: Reporter) -> None:
-        from capfast.eval.evaluate import evaluate_model
-
         self._save()  # a validation follows its step's checkpoint, which best.pt may then name
-        if self.val_loader is None:  # built once: each new loader pays a numba compile
-            self.val_loader = self._make_loader(self.cfg.data.val_split, train=False)
-        refs = schema.refs_path(self.data_dir, self.cfg.data.val_split)
-        report = evaluate_model(self.model, self.val_loader, self.vocab, refs, generation=self.cfg.eval,
-                                max_images=self.cfg.eval.max_images,
-                                amp_dtype=self.amp_dtype, meteor=False,  # METEOR's JVM costs ~10 s a call
-                                attributes_file=schema.attributes_path(self.data_dir, self.cfg.data.val_split),
-                                progress_seconds=self.cfg.progress_seconds)
+        self.validation.run(self.model, self.vocab, self.state, reporter, self.amp_dtype)
         self.model.train()
         self.model.set_encoder_trainable(bool(self.encoder_trainable))
-        self.validated_steps.add(self.state.step)
-        if self.dist.is_main:
-            self._record_validation(report, reporter)
-
-    def _record_validation(self, report, reporter: Reporter) -> None:
-        """Rank 0: TensorBoard and the console, best.pt when CIDEr is a new best, then validations.json."""
-        step, metrics = self.state.step, report.metrics
-        reporter.scalars(step, {f"val/{k}": v for k, v in metrics.items()})
-        reporter.captions(step, report.sample_images[:self.cfg.eval.log_images],
-                         report.sample_captions[:self.cfg.eval.log_images])
-        reporter.write(f"epoch {self.state.epoch}/{self.cfg.epochs} val: "
-                      + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        self.last_cider = metrics.get("CIDEr", -math.inf)
-        self.validations.add(step, self.state.epoch, metrics)
-        if self.validations.best() is self.validations.entries[-1]:
-            reporter.scalars(step, {f"best/{k}": v for k, v in metrics.items()})
-            self.run_dir.mark_best(step)
-        self.run_dir.write_validations(self.validations)  # after best.pt: a kill in between validates again
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 
@@ -438,15 +394,8 @@ class Trainer:
         if len(before.rng) == self.dist.world_size:  # else (a new world size, at an epoch's start): fresh seeds
             rng.restore(before.rng[self.dist.rank])
         self.saved_step = before.step
-        self._restore_validations()
+        self.validation.resume_at(before.step)
         return changes
-
-    def _restore_validations(self) -> None:
-        """Rank 0 reads validations.json up to the resumed step; every rank learns which steps it validated."""
-        if self.dist.is_main:
-            self.validations = self.run_dir.validations().until(self.state.step)
-        steps = [e["step"] for e in self.validations.entries] if self.dist.is_main else None
-        self.validated_steps = set(distributed.broadcast_object(steps))
 
     def _note(self, message: str) -> None:
         if self.dist.is_main:
