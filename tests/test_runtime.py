@@ -26,8 +26,10 @@ def test_a_threading_layer_the_user_chose_is_kept():
 
 def test_a_loader_built_without_the_cli_runs_numba_on_openmp(converted):
     """The loader is where ffcv's parallel stage runs; numba fixes its threading layer when ffcv is first imported."""
-    code = ("import sys, numba; from capfast.data import build_loader; "
-            f"build_loader({str(converted / 'val.beton')!r}, batch_size=4, train=False, num_workers=2); "
+    code = ("import sys, numba; from capfast.data import LoaderOptions, build_loader; "
+            "from capfast.common.normalization import IMAGENET; "
+            f"build_loader({str(converted / 'val.beton')!r}, LoaderOptions(batch_size=4, workers=2), train=False, "
+            "normalization=IMAGENET); "
             "print(numba.threading_layer(), type(sys.unraisablehook).__name__)")
     assert run_python(code, env_without_threading_layer()).split() == ["omp", "_HideNumbaFinalizerNoise"]
 
