@@ -109,7 +109,7 @@ class CropResizeDecoder(Operation):
         mem_read = self.memory_read
         decode_c = Compiler.compile(imdecode)
         my_range = Compiler.get_iterator()
-        finish = resize_cpu.crop_resize_normalize
+        finish = resize_cpu.crop_resize_normalize_by_pointer(self.dtype)
         shift, scale, size = self.shift, self.scale, self.size
 
         chunk = DECODES_PER_CHUNK
@@ -133,9 +133,8 @@ class CropResizeDecoder(Operation):
                         out[i].reshape(-1)[0] = failed_mark
                         continue
                     field = metadata[batch_indices[i]]
-                    h, w = np.uint32(field["height"]), np.uint32(field["width"])
-                    image = scratch[i][: h * w * 3].reshape(h, w * 3)
-                    finish(image, boxes[i], factors[i], shift, scale, out[i].reshape(size, size * 3))
+                    finish(scratch[i].ctypes.data, field["height"], field["width"], boxes[i].ctypes.data,
+                           factors[i].ctypes.data, shift.ctypes.data, scale.ctypes.data, out[i].ctypes.data, size)
             return out
 
         decode.is_parallel = True

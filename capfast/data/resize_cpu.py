@@ -10,7 +10,7 @@ multiply-adds over whole rows keep this within a small factor of OpenCV's hand-v
 """
 
 import numpy as np
-from numba import njit
+from numba import carray, cfunc, njit, types
 
 # Contraction into FMAs only: 'reassoc' would let LLVM vectorize the short tap loops as reductions, which is
 # several times slower here.
@@ -262,3 +262,32 @@ def crop_resize_normalize(image, box, factors, shift, scale, out):
     jitter_rows(resized, factors)
     for oy in range(size):
         store(resized[oy], shift, scale, out[oy])
+
+
+# crop_resize_normalize behind a C function pointer, one per output dtype, for the CPU loader's decode stage
+# (ffcv_ops.CropResizeDecoder): ffcv compiles that stage anew for every loader, and a call to a jitted function
+# links the callee's code into it and optimizes it again (~2 s a loader), where a call by address links nothing.
+# Arguments: image (uint8 [height, width * 3]), height, width, box (int64 [4]), factors (float32 [3]), shift and
+# scale (float32 [size * 3]), out ([size, size * 3] of the dtype), size.
+BY_POINTER = types.void(types.voidptr, types.intp, types.intp, types.voidptr, types.voidptr, types.voidptr,
+                        types.voidptr, types.voidptr, types.intp)
+
+
+@cfunc(BY_POINTER, cache=True)
+def _to_float32(image, height, width, box, factors, shift, scale, out, size):
+    crop_resize_normalize(carray(image, (height, width * 3), np.uint8), carray(box, 4, np.int64),
+                          carray(factors, 3, np.float32), carray(shift, size * 3, np.float32),
+                          carray(scale, size * 3, np.float32), carray(out, (size, size * 3), np.float32))
+
+
+@cfunc(BY_POINTER, cache=True)
+def _to_bfloat16_bits(image, height, width, box, factors, shift, scale, out, size):
+    crop_resize_normalize(carray(image, (height, width * 3), np.uint8), carray(box, 4, np.int64),
+                          carray(factors, 3, np.float32), carray(shift, size * 3, np.float32),
+                          carray(scale, size * 3, np.float32), carray(out, (size, size * 3), np.int16))
+
+
+def crop_resize_normalize_by_pointer(out_dtype: np.dtype):
+    """crop_resize_normalize writing `out_dtype` (float32, or int16 holding bfloat16), as a ctypes function that
+    jitted code calls with array addresses (arr.ctypes.data) and sizes."""
+    return {np.dtype(np.float32): _to_float32, np.dtype(np.int16): _to_bfloat16_bits}[np.dtype(out_dtype)].ctypes
