@@ -42,7 +42,9 @@ def main(argv=None):
     try:
         cli.main(args=argv, prog_name="capfast", standalone_mode=False)
     except CapfastError as e:
-        click.echo(f"capfast: error: {e}", err=True)
+        line = _error_line(e)
+        if line:
+            click.echo(f"capfast: error: {line}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("capfast: aborted", err=True)
@@ -57,3 +59,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("capfast: interrupted", err=True)
         sys.exit(130)
+
+
+def _error_line(error: CapfastError) -> str | None:
+    """The error's line, or None where another rank of this node printed it (capfast.common.distributed)."""
+    distributed = sys.modules.get("capfast.common.distributed")  # not imported: no process group, and no torch
+    return distributed.error_line(str(error), own=error.own) if distributed else str(error)

@@ -2,17 +2,20 @@
 warning before a time limit (SIGUSR1).
 
 StopRequest only notes the first such signal; the training loop looks at it between steps, and under DDP the
-ranks agree on the step to stop at (capfast/train/trainer.py). A second Ctrl-C stops at once. The launcher of
-`capfast train --nproc` passes what it receives on to torchrun (forwarded_to), and torchrun dies with it.
+ranks agree on the step to stop at (capfast/train/trainer.py), which rank 0 saves before every rank exits with
+EXIT_STOPPED. A second Ctrl-C stops at once. The launcher of `capfast train --nproc` passes what it receives on to
+the ranks (capfast/common/launch.py), and a torchrun rank gets SIGTERM when its launcher or agent dies
+(die_with_parent, capfast/common/distributed.py).
 """
 
-import contextlib
 import ctypes
+import os
 import signal
 import sys
 import threading
 
 DEFAULT_STOP_SIGNALS = "SIGTERM,SIGINT,SIGUSR1"
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving; `--resume` (or --auto-resume) continues
 PR_SET_PDEATHSIG = 1
 
 
@@ -63,25 +66,9 @@ class StopRequest:
             raise KeyboardInterrupt  # Ctrl-C twice: now
         if self.signal is None:
             self.signal = signal.Signals(signum).name
-            print(f"capfast: {self.signal} received: stopping after the current step (saving last.pt)",
-                  file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def forwarded_to(process, names: str = DEFAULT_STOP_SIGNALS):
-    """While the block runs, each of these signals sent to this process is sent on to `process` as SIGTERM, the
-    signal torchrun passes on to its workers (it does not handle SIGUSR1)."""
-    previous = {sig: signal.signal(sig, lambda *_: _terminate(process)) for sig in parse_signals(names)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _terminate(process) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node; rank 0 names the step after the stop
+                print(f"capfast: {self.signal} received: stopping after the current step (saving last.pt)",
+                      file=sys.stderr, flush=True)
 
 
 def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> None:

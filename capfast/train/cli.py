@@ -8,9 +8,8 @@ from pathlib import Path
 import click
 
 from capfast.common.io import atomic_write_text, ensure_writable_dir
+from capfast.common.signals import EXIT_STOPPED
 from capfast.errors import CapfastError
-
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving; `--resume` (or --auto-resume) continues
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -43,7 +42,7 @@ def command(config_path, data_dir, out_dir, resume, auto_resume, nproc, override
 
     cfg = load_config(config_path, list(overrides))
     if nproc > 1:
-        from capfast.common.distributed import launch
+        from capfast.common.launch import launch
 
         argv = ["train", "--config", str(config_path), "--data", str(data_dir), "--out", str(out_dir),
                 *(["--resume"] if resume else []), *(["--auto-resume"] if auto_resume else []), *overrides]
@@ -85,9 +84,15 @@ def run(cfg, data_dir: Path, out_dir: Path, resume: bool) -> None:
             run_config = {**trainer.state.config, "history": trainer.state.config_history}
             atomic_write_text(out_dir / "config.json", json.dumps(run_config, indent=2))
         # Only while it trains: before that a signal ends the process at once, as it has nothing to save.
-        with StopRequest(cfg.stop_signals) as stop:
-            trainer.stop = stop
-            summary = trainer.train()
+        try:
+            with StopRequest(cfg.stop_signals) as stop:
+                trainer.stop = stop
+                summary = trainer.train()
+        except RuntimeError:  # a collective failed, maybe as another rank ended: named outside StopRequest, so
+            lost = lost_peer(trainer)  # that torchrun's SIGTERM for a restart ends this process at once
+            if lost is None:
+                raise
+            raise lost from None
         if summary["stopped"]:
             if trainer.dist.is_main:
                 why = stop.signal or "a stop signal to another rank"
@@ -101,6 +106,11 @@ def run(cfg, data_dir: Path, out_dir: Path, resume: bool) -> None:
                 click.echo(worse, err=True)
     finally:
         distributed.shutdown()
+
+
+def lost_peer(trainer):
+    """The PeerLost error naming the rank whose end failed this rank's collective, or None."""
+    return trainer.stall.lost_peer() if trainer.stall is not None else None
 
 
 def worse_than_best(summary: dict, out_dir: Path) -> str:

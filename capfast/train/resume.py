@@ -1,4 +1,4 @@
-"""What `capfast train --resume` may change in the config.
+"""What `capfast train --resume` may change in the config, and in the number of processes.
 
 A resumed run continues exactly where the checkpoint stopped: the same records in the same order, the same crops,
 the same model. Keys that would change what the checkpoint's position (epoch, batch in epoch) or weights mean are
@@ -6,8 +6,7 @@ refused. The keys listed as applied are applied, and the change is recorded (che
 
   refused  model.* (architecture, BatchNorm mode), objective, scst.* (the sampler's draws), data.train_split,
            data.image_size, data.batch_size, data.order, data.crop_scale, data.crop_ratio, data.color_jitter, seed,
-           optim.grad_accum, precision, encoder_trainable_from_epoch, and the number of processes when resuming
-           mid-epoch
+           optim.grad_accum, precision, encoder_trainable_from_epoch
   applied  epochs and max_steps (the cosine schedule is stretched from the current step on), optimizer settings
            (lr, encoder_lr, weight_decay, betas, warmup, clipping, label smoothing: set on the restored optimizer),
            eval.* (eval.patience too: last.pt counts the validations since the best), data.val_split,
@@ -17,6 +16,14 @@ refused. The keys listed as applied are applied, and the change is recorded (che
 
 Every config key is in exactly one of the two lists (tests/test_config.py checks it); a key in neither is refused,
 so a new key is safe to resume across only once someone has said so here.
+
+The number of processes may change too (a node lost or added), recorded as "processes": an epoch's global order
+and each global batch's records and crops are the same for any number of processes that splits data.batch_size
+(capfast/data/order.py), so the position carries over, mid-epoch included. What does not carry over: each rank's
+random generators (dropout's masks, SCST's samples) start again from their seeds, and the gradient is the same
+only up to float summation order (with model.batchnorm = "batch", each rank's statistics differ too).
+data.order = "quasi_random" shuffles within a window of each rank's batch, so its order changes with the number
+of processes: that change is refused mid-epoch.
 """
 
 from capfast.errors import CapfastError
@@ -50,12 +57,23 @@ def model_config(saved: dict, path, configured):
 
 
 def check(path, before: TrainState, now: TrainState) -> dict[str, tuple]:
-    """The config changes from the checkpoint `before` (read from `path`) to the resumed run `now`, once the
-    data, the refused keys and the number of processes are checked."""
+    """The changes from the checkpoint `before` (read from `path`) to the resumed run `now`, config keys and
+    "processes", once the data, the refused keys and the number of processes are checked."""
     check_same_data(path, before.data, now.data)
     changes = config_changes(before.config, now.config)
-    check_resumable(path, changes, before.world_size, now.world_size, mid_epoch=before.mid_epoch)
+    check_resumable(path, changes, processes_refusal(before, now))
+    if before.world_size != now.world_size:
+        changes["processes"] = (before.world_size, now.world_size)
     return changes
+
+
+def processes_refusal(before: TrainState, now: TrainState) -> str | None:
+    """Why the change in the number of processes cannot continue the run exactly, or None."""
+    order = flatten(before.config).get("data.order")
+    if before.world_size == now.world_size or not before.mid_epoch or order != "quasi_random":
+        return None
+    return (f"processes {before.world_size} -> {now.world_size} mid-epoch under data.order \"quasi_random\" (its "
+            f"order depends on each rank's batch; at an epoch's end it may change)")
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -84,11 +102,12 @@ def is_safe(key: str) -> bool:
     return key in SAFE_KEYS or key.startswith(SAFE_PREFIXES)
 
 
-def check_resumable(path, changes: dict, old_world: int, new_world: int, mid_epoch: bool) -> None:
-    """CapfastError naming every refused change with both values; returns when all changes may apply."""
+def check_resumable(path, changes: dict, processes: str | None) -> None:
+    """CapfastError naming every refused change with both values (`processes`: the refusal of a change in the
+    number of processes, or None); returns when all changes may apply."""
     refused = [f"{key} {show(a)} -> {show(b)}" for key, (a, b) in changes.items() if not is_safe(key)]
-    if mid_epoch and old_world != new_world:
-        refused.append(f"processes {old_world} -> {new_world} (mid-epoch)")
+    if processes:
+        refused.append(processes)
     if refused:
         raise CapfastError(f"cannot resume from {path}: {', '.join(refused)} would not continue the run exactly "
                            f"(keep the checkpoint's values, or start a new run with --out)")

@@ -1,11 +1,15 @@
-"""Naming a stalled rank. One stopped process, a hung GPU or a dead node holds every other rank in its next
-collective, and the backend's timeout ends that wait without saying whom it waited for.
+"""Naming a stalled or lost rank. One stopped process, a hung GPU or a dead node holds every other rank in its
+next collective, or fails it ("Connection closed by peer"), and the backend says neither whom it waited for nor
+why.
 
-Each rank runs a thread that posts "step, time" to torchrun's store every few seconds, and that ends the job
-(exit 4) when its own rank has completed no training step for `dist_timeout_s`: it prints the ranks whose posts
-stopped (stopped or dead processes) or whose step is behind its own. It is armed only while steps run, from
-the second step of an epoch on: an epoch's first batch (the loader's compile), validation and checkpoints take
-as long as they take, and the process group's own timeout, a minute longer, bounds those.
+Each rank runs a thread that posts "step, time" to torchrun's store (the attempt's keys: common/distributed.py)
+every few seconds, and that ends the job (exit 4) when its own rank has completed no training step for
+`dist_timeout_s`: it prints the ranks whose posts stopped (stopped or dead processes) or whose step is behind its
+own. It is armed only while steps run, from the second step of an epoch on: an epoch's first batch (the loader's
+compile), validation and checkpoints take as long as they take, and the process group's own timeout, a minute
+longer, bounds those. When a collective fails instead, lost_peer() names the rank that ended: by the error it
+posted as its last words, or as the one whose posts stopped (killed, or its node is down).
+Either line is printed once per node (distributed.error_line).
 """
 
 import contextlib
@@ -13,17 +17,28 @@ import os
 import sys
 import threading
 import time
-from datetime import timedelta
 
-EXIT_STALLED = 4
-STORE_TIMEOUT_S = 10
+from capfast.common import distributed
+from capfast.errors import CapfastError
+
+EXIT_STALLED = 4  # a rank stalled or was lost
+
+
+class PeerLost(CapfastError):
+    """A collective failed because another rank ended: this rank's one line, which says who and why."""
+    exit_code = EXIT_STALLED
+    own = False  # it reports another rank's end
 
 
 class StallWatch:
     def __init__(self, rank: int, world_size: int, timeout_s: float):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.step, self.last_step_at, self.armed, self.training = 0, time.monotonic(), False, False
-        self.store = _store()
+        self.period = min(5.0, max(0.5, timeout_s / 10))
+        self.store = distributed.attempt_store("steps", distributed.STORE_TIMEOUT)
+        self.last_words = distributed.attempt_store(distributed.LAST_WORDS, distributed.STORE_TIMEOUT)
+        self.store.set(f"node/{rank}", distributed.node())
+        self._post()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capfast-stall-watch", daemon=True)
         self._thread.start()
@@ -45,11 +60,12 @@ class StallWatch:
         self._closed.set()
 
     def _run(self) -> None:
-        period = min(5.0, max(0.5, self.timeout_s / 10))
-        while not self._closed.wait(period):
+        while not self._closed.wait(self.period):
             self._post()
             if self.armed and time.monotonic() - self.last_step_at > self.timeout_s:
-                print(f"capfast: error: {self.report()}", file=sys.stderr, flush=True)
+                line = distributed.error_line(self.report(), own=False)
+                if line:
+                    print(f"capfast: error: {line}", file=sys.stderr, flush=True)
                 os._exit(EXIT_STALLED)
 
     def _post(self) -> None:
@@ -60,15 +76,16 @@ class StallWatch:
 
     def report(self) -> str:
         now, quiet, behind = time.time(), [], []
-        for rank in range(self.world_size):
-            if rank == self.rank:
-                continue
-            post = self._read(rank)
+        for rank in self._peers():
+            try:
+                post = self._read(rank)
+            except Exception:  # reported as not heard from
+                post = None
             if post is None or now - post[1] > self.timeout_s / 2:
-                quiet.append(f"rank {rank}" + (f" (last heard at step {post[0]}, {now - post[1]:.0f} s ago)"
-                                               if post else " (never heard from)"))
+                quiet.append(self._name(rank) + (f" (last heard at step {post[0]}, {now - post[1]:.0f} s ago)"
+                                                 if post else " (never heard from)"))
             elif post[0] < self.step:
-                behind.append(f"rank {rank} (at step {post[0]})")
+                behind.append(f"{self._name(rank)} (at step {post[0]})")
         parts = []
         if quiet:
             parts.append("not responding (stopped or dead): " + ", ".join(quiet))
@@ -78,25 +95,54 @@ class StallWatch:
         return (f"rank {self.rank}: no training step completed for {self.timeout_s:.0f} s (dist_timeout_s) after "
                 f"step {self.step}; {culprits}; ending the job")
 
-    def _read(self, rank: int):
+    def lost_peer(self) -> PeerLost | None:
+        """After a collective failed: who ended, once known, or None when every other rank still posts (the
+        failure is this rank's own). A rank that posted its last words is named with them at once; a rank whose
+        posts stop for two periods, as killed or cut off; a store that no longer answers, as its host's end."""
+        self.close()  # this rank posts from here on: it is not lost
         try:
-            if not self.store.check([str(rank)]):
+            return self._lost_peers()
+        except Exception:  # a store op failed: torchrun's store is kept by the agent on node 0 (MASTER_ADDR)
+            return PeerLost(f"lost torchrun's store at step {self.step}: its host {os.environ['MASTER_ADDR']} "
+                            f"(torchrun's agent on node 0) is down or ended")
+
+    def _lost_peers(self) -> PeerLost | None:
+        before = {rank: self._read(rank) for rank in self._peers()}
+        deadline = time.monotonic() + 2 * self.period + 1
+        while True:
+            self.store.set(str(self.rank), f"{self.step} {time.time()}")
+            ended = [f"{self._name(rank)} ended: {words}" for rank in self._peers()
+                     if (words := self._get(self.last_words, str(rank)))]
+            if ended:
+                return PeerLost("; ".join(ended))
+            silent = [rank for rank in self._peers() if self._read(rank) == before[rank]]
+            if not silent:
                 return None
-            step, when = self.store.get(str(rank)).decode().split()
-            return int(step), float(when)
+            if time.monotonic() > deadline:
+                return PeerLost(f"lost {' and '.join(map(self._name, silent))} at step {self.step}: silent since "
+                                f"(killed, or its node is down)")
+            time.sleep(0.2)
+
+    def _peers(self) -> list[int]:
+        return [rank for rank in range(self.world_size) if rank != self.rank]
+
+    def _name(self, rank: int) -> str:
+        try:
+            node = self._get(self.store, f"node/{rank}")
         except Exception:
+            node = None
+        return f"rank {rank} on {node or 'an unknown node'}"
+
+    def _read(self, rank: int):
+        post = self._get(self.store, str(rank))
+        if post is None:
             return None
+        step, when = post.split()
+        return int(step), float(when)
 
-
-def _store():
-    """A client of torchrun's store (the rendezvous store at MASTER_ADDR:MASTER_PORT), with a short timeout."""
-    import torch.distributed as dist
-
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                           timeout=timedelta(seconds=STORE_TIMEOUT_S))
-    from capfast.common.distributed import attempt
-
-    return dist.PrefixStore(f"capfast/steps/attempt_{attempt()}/", client)
+    @staticmethod
+    def _get(store, key: str) -> str | None:
+        return store.get(key).decode() if store.check([key]) else None
 
 
 def available() -> bool:

@@ -202,6 +202,8 @@ class Trainer:
             completed = self._train_epoch(reporter)
             self.stopped = self.watch.stopping(self.state.step, drained=True)
             self._save()
+            if self.stopped:  # each rank exits 75 once last.pt is written: torchrun stops the rest at the first exit
+                distributed.barrier()
             if self.stopped or not completed:
                 return  # a stop request, or max_steps mid-epoch (last.pt records where to resume)
 
@@ -391,7 +393,7 @@ class Trainer:
                                            if changes else [])
         self.state = dataclasses.replace(before, world_size=self.state.world_size, config=self.state.config,
                                          config_history=history)
-        if len(before.rng) == self.dist.world_size:  # else (a new world size, at an epoch's start): fresh seeds
+        if len(before.rng) == self.dist.world_size:  # else (another number of processes): the seeds of _seed_ranks
             rng.restore(before.rng[self.dist.rank])
         self.saved_step = before.step
         self.validation.resume_at(before.step)
