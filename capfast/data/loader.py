@@ -101,6 +101,8 @@ def build_loader(beton, options: LoaderOptions, *, train: bool, device="cpu", dt
 class CaptionLoader:
     """Batches of one beton for this rank. len() = batches per epoch; epoch(n) iterates epoch n."""
 
+    yields_images = True  # (capfast.data.feature_loader's batches hold a trunk's features instead)
+
     def __init__(self, beton, settings: LoaderSettings, shard: orders.Shard):
         from capfast.common.runtime import prepare_process
         from capfast.store.beton import check_beton
@@ -129,25 +131,15 @@ class CaptionLoader:
         return -(-self.num_samples // self.settings.batch_size)
 
     def _records_per_rank(self) -> int:
-        s = self.settings
-        if s.train:
-            return orders.train_batches_per_rank(self.num_records, s.batch_size, self.shard) * s.batch_size
-        return len(orders.eval_indices(self.num_records, self.shard))
+        return orders.records_per_rank(self.num_records, self.settings.batch_size, self.shard, self.settings.train)
 
     # ---- order ----------------------------------------------------------------------------------------
 
     def rank_order(self, epoch: int) -> np.ndarray:
         """Record indices this rank reads in `epoch`, in order (a pure function of seed, epoch and rank)."""
         s = self.settings
-        if not s.train:
-            return orders.eval_indices(self.num_records, self.shard)
-        if s.order == "quasi_random":
-            epoch_order = orders.quasi_random_epoch_order(self._quasi, s.seed, epoch, s.batch_size)
-        elif s.order == "random":
-            epoch_order = orders.random_epoch_order(self.num_records, s.seed, epoch)
-        else:
-            epoch_order = orders.sequential_epoch_order(self.num_records)
-        return orders.train_order(epoch_order, s.batch_size, self.shard)
+        return orders.rank_order(self.num_records, s.batch_size, self.shard, train=s.train, order=s.order,
+                                 seed=s.seed, epoch=epoch, quasi=self._quasi)
 
     # ---- iteration ------------------------------------------------------------------------------------
 
