@@ -11,6 +11,8 @@ A converted data directory holds, per split NAME:
 and once for the directory:
   vocab.json        the vocabulary (capfast.store.vocab.Vocab), built from the training split
   meta.json         {"format_version", "splits": {NAME: {source, settings, counts, skipped}}}
+  features/CACHE/   (written by `capfast features`) a frozen trunk's features of some splits, for training with
+                    data.features = CACHE: manifest.json and NAME.features (capfast.store.feature_cache)
 """
 
 import re
