@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "train": ("capfast.bench.train", "train-step img/s: real loader vs GPU-resident synthetic batch"),
     "reward": ("capfast.bench.reward", "SCST CIDEr-D reward captions/s per core vs plain Python CIDEr-D"),
     "tokenize": ("capfast.bench.tokenize", "caption tokenizer captions/s vs the Java PTBTokenizer it ports"),
+    "verify": ("capfast.bench.verify", "inspect --verify MB/s vs one plain sequential read of the same file"),
 }
 
 
