@@ -290,8 +290,8 @@ def block_mismatches(mapped: mmap.mmap, view: memoryview, layout: RecordLayout, 
 
 
 def read_ahead(mapped: mmap.mmap, start: int, end: int) -> None:
-    """Starts reading [start, end) of the mapped file in the background: page faults alone read a little at a
-    time (a cold read ran at half the disk's rate)."""
+    """Asks the kernel to read [start, end) of the mapped file now, in the background, so that the disk works
+    while the thread hashes (tools/results/2026-12-07_records-verify_2vcpu.md)."""
     if hasattr(mapped, "madvise"):
         aligned = start - start % mmap.PAGESIZE
         mapped.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
