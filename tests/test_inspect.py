@@ -102,6 +102,8 @@ def test_rejects_other_capfast_format_version(converted, tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"format_version": 0, "splits": {}}))
     with pytest.raises(CapfastError, match="incompatible capfast convert version"):
         check_beton(tmp_path / "val.beton")
+    (tmp_path / "meta.json").write_text(json.dumps({"format_version": 1, "splits": {}}))  # before the checksums
+    assert check_beton(tmp_path / "val.beton").num_samples == 12
 
 
 def test_cli_error_is_one_line(tmp_path, capfast_cli):
