@@ -2,6 +2,7 @@
 and `capfast export`: all with random weights on the CPU (nothing downloads)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -165,6 +166,9 @@ def test_export_gives_the_checkpoint_s_captions_and_unpickles_nothing(vit_run, c
     result = capfast_cli("export", vit_run / "last.pt", exported)
     assert result.code == 0, result.stderr
     assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in exported.iterdir()} == {0o666 & ~umask}  # all shared alike
     config = json.loads((exported / "config.json").read_text())
     assert config["model_config"]["encoder"] == "vit_b_16" and config["normalization"] == IMAGENET.to_dict()
     images = sorted((synth_coco / "images" / "val").glob("*.jpg"))[:4]

@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "features": ("capfast.bench.features", "train steps/s from a feature cache vs the frozen trunk on the fly"),
     "reward": ("capfast.bench.reward", "SCST CIDEr-D reward captions/s per core vs plain Python CIDEr-D"),
     "tokenize": ("capfast.bench.tokenize", "caption tokenizer captions/s vs the Java PTBTokenizer it ports"),
+    "verify": ("capfast.bench.verify", "inspect --verify MB/s vs one plain sequential read of the same file"),
 }
 
 
