@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from test_faults import Run, assert_clean_error
-from test_train import TINY
+from test_train import DDP_SCRIPT, TINY
 
 from capfast.models import checkpoint
 from capfast.store.feature_cache import FeatureCache, cache_dir
@@ -78,6 +79,28 @@ def test_the_first_step_from_the_cache_has_the_loss_of_the_trunk_on_the_fly(cach
         losses.append((batch.image_ids.tolist(), float(trainer._accumulate_gradients([batch]))))
     assert losses[0][0] == losses[1][0]
     assert losses[0][1] == pytest.approx(losses[1][1], rel=1e-5, abs=1e-5)
+
+
+def test_two_gloo_processes_from_the_cache_give_one_process_s_gradients(cached, tmp_path, free_port):
+    data, start = cached
+    overrides = [*FROZEN, init(start), "data.features=\"fp32\""]
+    one = load(overrides[len(FROZEN):], data, tmp_path / "one")
+    one._set_encoder_trainable(0)
+    with contextlib.closing(one.train_loader.epoch(0)) as epoch:
+        loss = float(one._accumulate_gradients([next(epoch)]))
+    script = tmp_path / "step.py"
+    script.write_text(DDP_SCRIPT)
+    (tmp_path / "two").mkdir()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port}", "--master_addr=127.0.0.1", script, CONFIG, data,
+                             tmp_path / "two", *overrides], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(tmp_path / "two" / "step1.pt")
+    assert two["loss"] == pytest.approx(loss, rel=1e-5)
+    grads = {n: p.grad for n, p in one.model.named_parameters() if p.grad is not None}
+    assert grads.keys() == two["grads"].keys() and not any(n.startswith("encoder.trunk.") for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_model_trained_from_the_cache_captions_raw_images_as_the_cache_does(cached, tmp_path):

@@ -170,6 +170,9 @@ def check_cached_trunk(cfg: TrainConfig) -> None:
     if cfg.data.color_jitter > 0:
         raise CapfastError("data.color_jitter applies to images before the trunk; a feature cache has none "
                            "(set data.color_jitter=0, or train from images)")
+    if cfg.data.verify:
+        raise CapfastError("data.verify checks the records a run decodes; from a feature cache it decodes none "
+                           "(check the betons once with `capfast inspect --verify` instead)")
 
 
 def _build(values: dict) -> TrainConfig:
