@@ -68,7 +68,7 @@ def _extract_split(extraction: Extraction, cache: FeatureCache, split: str, mode
     if entry is not None and entry["source"] == source:
         _say(dist, f"features {split}: already complete in {cache.path}")
         return
-    writer = SplitWriter(cache, split, source["records"])
+    writer = SplitWriter(cache, split, source)
     if dist.is_main:
         writer.prepare()
     _barrier(dist)
@@ -76,7 +76,7 @@ def _extract_split(extraction: Extraction, cache: FeatureCache, split: str, mode
     _write_batches(extraction, writer, loader, model, amp_dtype, split)
     _barrier(dist)
     if dist.is_main:
-        writer.finish(source)
+        writer.finish()
         _say(dist, f"features {split}: {source['records']} records in {cache.features_path(split)}")
 
 

@@ -5,8 +5,9 @@ DATA/features/NAME/
                        {SPLIT: {"records", "source"}}}: a split is listed once its file is complete, never before
   SPLIT.features       [records, views, S, width] in the manifest's dtype, raw and C-ordered: read memory-mapped
                        through the page cache, never held whole (ViT-B/16 on COCO's train split: ~34 GB in fp16)
-  SPLIT.features.partial, SPLIT.done
-                       while SPLIT is written: the file, and one byte per record set once its rows are on disk
+  SPLIT.features.partial, SPLIT.done, SPLIT.source.json
+                       while SPLIT is written: the file, one byte per record set once its rows are on disk, and
+                       the beton's fingerprint they were computed from (a rerun on changed data starts afresh)
 
 Views: "center" is the evaluation transform (the whole image resized to image_size²), "flip" its mirror image.
 "source" is the split's beton fingerprint (store.beton.data_fingerprint): features of changed data are refused.
@@ -170,24 +171,33 @@ class SplitWriter:
     SPLIT.features.partial, a record's byte in SPLIT.done is set only after its rows are fsynced, and finish()
     renames the file into place once every byte is set. A rerun skips the records already done."""
 
-    def __init__(self, cache: FeatureCache, split: str, records: int):
-        self.cache, self.split, self.records = cache, split, int(records)
+    def __init__(self, cache: FeatureCache, split: str, source: dict):
+        self.cache, self.split, self.source, self.records = cache, split, source, int(source["records"])
         self.final = cache.features_path(split)
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.done_path = self.final.with_name(f"{split}.done")
+        self.source_path = self.final.with_name(f"{split}.source.json")
 
     def prepare(self) -> None:
-        """Rank 0, before the others open it: the partial file at its full size and the done map, kept from a
-        run that was cut short."""
-        size = self.records * self.cache.record_bytes()
-        if not self.partial.exists() or self.partial.stat().st_size != size:
-            with open(self.partial, "wb") as f:
-                f.truncate(size)
-            with open(self.done_path, "wb") as f:
-                f.truncate(self.records)
-        elif not self.done_path.exists() or self.done_path.stat().st_size != self.records:
-            with open(self.done_path, "wb") as f:
-                f.truncate(self.records)
+        """Rank 0, before the others open it: the partial file at its full size and an empty done map, unless a
+        run cut short left them for the same data."""
+        if self._resumable():
+            return
+        self.done_path.unlink(missing_ok=True)
+        with open(self.partial, "wb") as f:
+            f.truncate(self.records * self.cache.record_bytes())
+        with open(self.done_path, "wb") as f:
+            f.truncate(self.records)
+        atomic_write_text(self.source_path, json.dumps(self.source))
+
+    def _resumable(self) -> bool:
+        try:
+            same_source = json.loads(self.source_path.read_text()) == self.source
+        except (OSError, ValueError):
+            return False
+        return (same_source and self.partial.is_file() and self.done_path.is_file()
+                and self.partial.stat().st_size == self.records * self.cache.record_bytes()
+                and self.done_path.stat().st_size == self.records)
 
     def done(self) -> np.ndarray:
         """bool [records]: whose features are on disk."""
@@ -199,7 +209,7 @@ class SplitWriter:
         _pwrite_synced(self.partial, rows.tobytes(), first * self.cache.record_bytes())
         _pwrite_synced(self.done_path, b"\1" * len(rows), first)
 
-    def finish(self, source: dict) -> None:
+    def finish(self) -> None:
         """Rank 0, once every rank is done: the file in place, then the manifest lists the split."""
         missing = np.flatnonzero(~self.done())
         if len(missing):
@@ -207,7 +217,8 @@ class SplitWriter:
                                f"{int(missing[0])}); run `capfast features` again to complete it")
         os.replace(self.partial, self.final)
         self.done_path.unlink(missing_ok=True)
-        self.cache.add_split(self.split, self.records, source)
+        self.source_path.unlink(missing_ok=True)
+        self.cache.add_split(self.split, self.records, self.source)
 
 
 def _pwrite_synced(path: Path, data: bytes, offset: int) -> None:
