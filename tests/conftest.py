@@ -108,3 +108,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cpu_seconds() -> float:
+    """User+system CPU of this process and of its children that have finished and been waited for."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """CAPFAST_TEST_CPU=path appends one line per test: CPU seconds (this process and its finished children),
+    wall seconds, xdist worker, node id; setup, call and teardown together, so a fixture counts in the first test
+    of its scope on each worker. `sort -rn path | head` lists where the suite's CPU goes (robust on a loaded
+    machine, unlike wall time)."""
+    import os
+    import time
+
+    path = os.environ.get("CAPFAST_TEST_CPU")
+    if not path:
+        yield
+        return
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    yield
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "-")
+    line = f"{_cpu_seconds() - cpu:9.2f} {time.perf_counter() - wall:9.2f} {worker} {item.nodeid}\n"
+    with open(path, "a") as f:  # one short append per test: safe beside the other xdist workers
+        f.write(line)
