@@ -13,6 +13,7 @@ COMMANDS = {
     "synth": ("capfast.pack.synth", "Write a synthetic COCO-format captions dataset (for tests and the demo)."),
     "convert": ("capfast.pack.convert", "Pack images + tokenized captions into FFCV .beton files."),
     "inspect": ("capfast.store.beton", "Summarize a .beton written by `capfast convert`."),
+    "features": ("capfast.extract.features", "Compute a frozen trunk's features of each split once (a cache)."),
     "train": ("capfast.train.cli", "Train a captioner (DDP, bf16/fp16, channels_last, GPU JPEG decode)."),
     "eval": ("capfast.eval.evaluate", "Score a checkpoint with BLEU/METEOR/ROUGE-L/CIDEr on a split."),
     "caption": ("capfast.eval.caption", "Caption image files with a trained checkpoint."),

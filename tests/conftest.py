@@ -3,12 +3,45 @@ Every test process (pytest-xdist's workers too) runs under capfast's process set
 as the `capfast` command does.
 
 Both datasets are session-scoped and must be treated as read-only; copy them (shutil.copytree) before changing.
+Under pytest-xdist the workers share one copy of each (built by the first to ask), and the modules listed in
+ONE_WORKER_MODULES run on one worker each, so that their module-scoped fixtures too are built once.
 """
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
+# One intra-op thread in each test process and in the processes they start: two pytest-xdist workers already keep
+# two cores busy, and torch's OpenMP threads spin-waiting for a core multiplied the suite's CPU time (6x for
+# test_decoding.py and test_models.py on a busy machine). Before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 SYNTH_TRAIN, SYNTH_VAL = 32, 12
 CONVERTED_IMAGE_SIZE = 64
+
+
+def shared_dir(tmp_path_factory, name: str, build) -> Path:
+    """A directory that build(path) fills, built once per test session: under pytest-xdist by the first worker to
+    ask, the others waiting on a lock and then taking it as it is."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        path = tmp_path_factory.mktemp(name)
+        build(path)
+        return path
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp().parent  # the session's, above each worker's own
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            with contextlib.suppress(FileNotFoundError):  # what a worker that failed half-way left
+                shutil.rmtree(path)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -17,9 +50,10 @@ def synth_coco(tmp_path_factory):
     images/{train,val}/*.jpg, annotations/captions_{train,val}.json and dataset_coco.json (Karpathy)."""
     from capfast.pack.synth import make_synthetic_coco
 
-    root = tmp_path_factory.mktemp("synth_coco")
-    make_synthetic_coco(root, n_train=SYNTH_TRAIN, n_val=SYNTH_VAL, seed=0, karpathy=True)
-    return root
+    def build(root):
+        make_synthetic_coco(root, n_train=SYNTH_TRAIN, n_val=SYNTH_VAL, seed=0, karpathy=True)
+
+    return shared_dir(tmp_path_factory, "synth_coco", build)
 
 
 @pytest.fixture(scope="session")
@@ -28,18 +62,43 @@ def converted(synth_coco, tmp_path_factory):
     converted at 64x64 with min_count=1 and 2 workers (5 captions per image, max_len 16)."""
     from capfast.pack.convert import convert
 
-    out = tmp_path_factory.mktemp("converted")
-    for split in ("train", "val"):
-        convert(out, split, annotations=synth_coco / "annotations" / f"captions_{split}.json",
-                images=synth_coco / "images" / split, image_size=CONVERTED_IMAGE_SIZE, min_count=1,
-                workers=2, progress=False)
-    return out
+    def build(out):
+        for split in ("train", "val"):
+            convert(out, split, annotations=synth_coco / "annotations" / f"captions_{split}.json",
+                    images=synth_coco / "images" / split, image_size=CONVERTED_IMAGE_SIZE, min_count=1,
+                    workers=2, progress=False)
+
+    return shared_dir(tmp_path_factory, "converted", build)
 
 
 def pytest_configure(config):
     from capfast.common.runtime import prepare_process
 
     prepare_process()  # before any test module imports ffcv
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(ModulesOnOneWorker())
+
+
+# Modules whose tests share a costly module-scoped fixture (a trained run, a running METEOR jar): under pytest-xdist
+# each goes to one worker as a whole, so that the fixture is built once rather than on every worker; every other
+# test is sent on its own. (--dist loadgroup would do it with marks, but lost its grouping with pytest 9.2:
+# pytest-dev/pytest-xdist#1386.)
+ONE_WORKER_MODULES = {"test_decoding.py", "test_encoders.py", "test_eval.py", "test_metrics.py", "test_reporter.py",
+                      "test_run_state.py", "test_scst.py"}
+
+
+class ModulesOnOneWorker:
+    def pytest_xdist_make_scheduler(self, config, log):
+        if config.getvalue("dist") != "load":  # what -n gives; a --dist asked for is left alone
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Scheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0]
+                return module if module.rsplit("/", 1)[-1] in ONE_WORKER_MODULES else nodeid
+
+        return Scheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -108,3 +167,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cpu_seconds() -> float:
+    """User+system CPU of this process and of its children that have finished and been waited for."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """CAPFAST_TEST_CPU=path appends one line per test: CPU seconds (this process and its finished children),
+    wall seconds, xdist worker, node id; setup, call and teardown together, so a fixture counts in the first test
+    of its scope on each worker. `sort -rn path | head` lists where the suite's CPU goes (robust on a loaded
+    machine, unlike wall time)."""
+    import time
+
+    path = os.environ.get("CAPFAST_TEST_CPU")
+    if not path:
+        yield
+        return
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    yield
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "-")
+    line = f"{_cpu_seconds() - cpu:9.2f} {time.perf_counter() - wall:9.2f} {worker} {item.nodeid}\n"
+    with open(path, "a") as f:  # one short append per test: safe beside the other xdist workers
+        f.write(line)

@@ -42,3 +42,14 @@ def test_bench_tokenize_agrees_with_its_baseline(capfast_cli):
     assert re.match(r"^capfast_captions_s=\d+ baseline_captions_s=\d+ ratio=[\d.]+$", lines[-1]), result.stdout
     if "Java" in result.stdout:
         assert "same tokens for 100.0% of the captions" in result.stdout
+
+
+def test_bench_verify_times_inspect_verify_against_a_plain_read(converted, capfast_cli, tmp_path):
+    result = capfast_cli("bench", "verify", "--data", converted / "val.beton", "--repeat", "3", "--cold",
+                         "--work-dir", tmp_path)
+    assert result.code == 0, result.stderr
+    values = dict(pair.split("=") for pair in result.stdout.strip().splitlines()[-1].split())
+    assert values["records"] == "36" and values["cache"] == "cold" and float(values["read_mb_s"]) > 0
+    assert float(values["ratio"]) == pytest.approx(float(values["verify_mb_s"]) / float(values["read_mb_s"]),
+                                                   rel=0.01, abs=0.001)
+    assert list(tmp_path.iterdir()) == []  # the repeated beton is gone

@@ -17,7 +17,9 @@ def fields():
 
 
 def record(i: int, nbytes: int) -> tuple:
-    return (bytes([i]) * nbytes, 10 + i, 20 + i), np.full((2, 6), i, np.int32), 1 + i % 2, 100 + i
+    jpeg, captions, ncaptions, image_id = bytes([i]) * nbytes, np.full((2, 6), i, np.int32), 1 + i % 2, 100 + i
+    checksum = schema.record_checksum(jpeg, captions, 10 + i, 20 + i, ncaptions, image_id)
+    return (jpeg, 10 + i, 20 + i), captions, ncaptions, image_id, checksum
 
 
 def write(path, records, capacity=None, page_size=MIN_PAGE_SIZE):
@@ -44,6 +46,23 @@ def test_records_fill_whole_pages_in_order_and_ffcv_reads_them(tmp_path):
     assert (first_page == last_page).all()  # no record straddles two pages
     assert sorted(set(first_page.tolist())) == [first_page.min() + k for k in range(3)]
     assert os.path.getsize(path) == (first_page.min() + 3) * MIN_PAGE_SIZE + table.nbytes
+
+
+def test_verify_reads_every_page_on_threads_and_names_each_damaged_record(tmp_path, monkeypatch):
+    from capfast.store import beton
+
+    sizes = [600_000 + i for i in range(7)]  # three pages: with one page per block, three blocks on two threads
+    path = write(tmp_path / "x.beton", [record(i, n) for i, n in enumerate(sizes)])
+    monkeypatch.setattr(beton, "VERIFY_BLOCK_BYTES", 1)
+    assert beton.verify_records(BetonContents(path), threads=2).mismatched.tolist() == []
+    contents = BetonContents(path)
+    damaged = bytearray(path.read_bytes())
+    damaged[int(contents.image_meta["data_ptr"][4]) + 1000] ^= 0x01  # record 4's image, on the second page
+    damaged[int(contents.caption_ptrs[6]) + 5] ^= 0x80  # record 6's caption rows, on the third
+    path.write_bytes(bytes(damaged))
+    verification = beton.verify_records(BetonContents(path), threads=2)
+    assert verification.mismatched.tolist() == [4, 6]
+    assert verification.records == 7 and verification.nbytes == sum(sizes) + 7 * 2 * 6 * 4
 
 
 def test_record_larger_than_a_page_is_an_error(tmp_path):

@@ -12,6 +12,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from capfast.common.lock import LOCK_FILE, RunLock
 from capfast.errors import CapfastError
 from capfast.pack.convert import convert
 from capfast.pack.images import prepare_image
@@ -67,7 +68,8 @@ def test_round_trip_with_ffcv_loader(converted, synth_coco):
     vocab = Vocab.load(converted / schema.VOCAB_FILE)
     loader = Loader(str(converted / "train.beton"), batch_size=10, num_workers=1, order=OrderOption.SEQUENTIAL,
                     drop_last=False, pipelines={"image": [SimpleRGBImageDecoder()], "captions": [NDArrayDecoder()],
-                                                "ncaptions": [IntDecoder()], "image_id": [IntDecoder()]})
+                                                "ncaptions": [IntDecoder()], "image_id": [IntDecoder()],
+                                                "checksum": None})
     batches = [[np.array(x) for x in batch] for batch in loader]
     images, rows, counts, ids = (np.concatenate(parts) for parts in zip(*batches))
     assert ids[:, 0].tolist() == sorted(captions)  # every image, sorted by image id
@@ -153,7 +155,7 @@ def test_kill_9_mid_write_leaves_nothing_behind(tmp_path):
         child.join()
         assert child.exitcode == -signal.SIGKILL
         wait_until(lambda: all(map(ended, workers)), "the workers end", timeout=20)
-        assert os.listdir(out) == []
+        assert os.listdir(out) == [LOCK_FILE]  # the lock's file: empty once its holder died
     finally:
         for worker in workers:
             if not ended(worker):
@@ -164,16 +166,34 @@ def test_vocab_reuse_and_overwrite(converted, synth_coco, tmp_path, capfast_cli)
     args = ("convert", "--annotations", synth_coco / "annotations" / "captions_val.json",
             "--images", synth_coco / "images" / "val", "--split", "val", "--out", tmp_path,
             "--image-size", 64, "--vocab", converted / "vocab.json", "--workers", 2)
-    assert capfast_cli(*args).code == 0
+    first = capfast_cli(*args)
+    assert first.code == 0
+    assert "split 'val': 5 of 60 captions (8.3 %) are longer than --max-len 16 tokens" in first.stderr
+    assert "--max-len 20 keeps 99 % whole" in first.stderr
     assert Vocab.load(tmp_path / "vocab.json") == Vocab.load(converted / "vocab.json")
     assert records(tmp_path / "val.beton") == records(converted / "val.beton")
     before = (tmp_path / "val.beton").stat().st_mtime_ns
     refused = capfast_cli(*args)
     assert refused.code == 2 and "already exists" in refused.stderr and "--overwrite" in refused.stderr
     assert (tmp_path / "val.beton").stat().st_mtime_ns == before
-    assert capfast_cli(*args, "--overwrite", "--captions-per-image", 3).code == 0
-    assert BetonContents(tmp_path / "val.beton").caption_shape == (3, 18)
+    again = capfast_cli(*args, "--overwrite", "--captions-per-image", 3, "--max-len", 20)
+    assert again.code == 0 and "longer than --max-len" not in again.stderr
+    assert BetonContents(tmp_path / "val.beton").caption_shape == (3, 22)
     assert leftovers(tmp_path) == ["val.beton"]
+    with RunLock(tmp_path):  # as a convert into the same --out still running holds it
+        refused = capfast_cli(*args, "--overwrite")
+    assert refused.code == 2 and f"{tmp_path} is in use by pid {os.getpid()}" in refused.stderr
+    assert BetonContents(tmp_path / "val.beton").caption_shape == (3, 22)
+
+
+def test_the_suggested_max_len_keeps_99_percent_whole():
+    from collections import Counter
+
+    from capfast.pack.convert import Written
+
+    written = Written(lengths=Counter({8: 950, 17: 30, 25: 19, 60: 1}))
+    assert written.captions == 1000 and written.cut(16) == 50 and written.cut(25) == 1
+    assert [written.length_keeping(percent) for percent in (95, 98, 99, 100)] == [8, 17, 25, 60]
 
 
 def test_val_uses_existing_vocab_json(converted, synth_coco, tmp_path):

@@ -78,6 +78,18 @@ def test_caption_any_image_mode(trained_run, tmp_path, capfast_cli):
         assert line["caption"] == line["caption"].strip() and "<" not in line["caption"], line  # no special tokens
 
 
+def test_caption_a_folder_captions_its_images_in_name_order(trained_run, tmp_path, capfast_cli):
+    files = sorted(_odd_images(tmp_path))
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "empty").mkdir()
+    empty = tmp_path / "empty"
+    result = capfast_cli("caption", "--checkpoint", trained_run / "best.pt", "--beam", "1", tmp_path, empty)
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(f) for f in files]
+    assert f"note: {tmp_path}: skipping 3 entries that are not image files (empty/, notes.txt, sub/)" in result.stderr
+    assert f"error: {empty} holds no image files" in result.stderr and result.code == 1
+
+
 def test_caption_reports_unreadable_files_and_goes_on(trained_run, tmp_path, capfast_cli):
     good = _odd_images(tmp_path)[0]
     bad = tmp_path / "broken.jpg"
@@ -139,7 +151,7 @@ def test_eval_under_torchrun_scores_every_image_once(trained_run, converted, tmp
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
            "--master_addr=127.0.0.1", "-m", "capfast", "eval", "--checkpoint", trained_run / "best.pt",
-           "--data", converted, "--split", "val", "--beam", "1", "--results", tmp_path / "r.json"]
+           "--data", converted, "--split", "val", "--beam", "1", "--no-meteor", "--results", tmp_path / "r.json"]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "r.json").read_text())

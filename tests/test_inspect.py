@@ -1,8 +1,10 @@
+import io
 import json
 import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from capfast.errors import CapfastError
 from capfast.store import schema
@@ -14,7 +16,8 @@ def test_describe_converted_beton(converted):
     info = describe_beton(converted / "train.beton")
     assert info["records"] == 32
     assert info["fields"] == {"image": "RGBImageField", "captions": "NDArrayField", "ncaptions": "IntField",
-                              "image_id": "IntField"}
+                              "image_id": "IntField", "checksum": "IntField"}
+    assert info["checksums"] is True
     assert info["vocab_size"] == len(Vocab.load(converted / "vocab.json"))
     assert (info["captions_per_image"], info["max_len"], info["captions"]) == (5, 16, 160)
     assert 3 <= info["caption_tokens"]["min"] <= info["caption_tokens"]["mean"] <= info["caption_tokens"]["max"] <= 16
@@ -99,6 +102,8 @@ def test_rejects_other_capfast_format_version(converted, tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"format_version": 0, "splits": {}}))
     with pytest.raises(CapfastError, match="incompatible capfast convert version"):
         check_beton(tmp_path / "val.beton")
+    (tmp_path / "meta.json").write_text(json.dumps({"format_version": 1, "splits": {}}))  # before the checksums
+    assert check_beton(tmp_path / "val.beton").num_samples == 12
 
 
 def test_cli_error_is_one_line(tmp_path, capfast_cli):
@@ -112,3 +117,61 @@ def test_beton_contents_matches_refs(converted):
     refs = json.loads((converted / "refs_val.json").read_text())
     assert sorted(refs, key=int) == [str(i) for i in contents.image_ids]
     assert contents.image_bytes(0)[:2] == b"\xff\xd8"
+
+
+# ---- record checksums and truncation ----------------------------------------------------------------------
+
+def flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_verify_passes_a_converted_beton(converted, capfast_cli):
+    result = capfast_cli("inspect", converted / "train.beton", "--verify")
+    assert result.code == 0, result.stderr
+    assert "record checksums: yes" in result.stdout
+    assert "verified: all 32 records match their checksums" in result.stdout
+
+
+def test_verify_names_a_record_whose_jpeg_changed(converted, tmp_path, capfast_cli):
+    """A flipped bit inside a JPEG's entropy-coded data decodes without complaint and passes plain inspect."""
+    beton = tmp_path / "val.beton"
+    shutil.copy(converted / "val.beton", beton)
+    contents = BetonContents(beton)
+    middle = [int(contents.image_meta["data_ptr"][i]) + len(contents.image_bytes(i)) // 2 for i in (5, 9)]
+    image_id = int(contents.image_ids[5])
+    flip_byte(beton, middle[0])
+    assert capfast_cli("inspect", beton).code == 0
+    assert Image.open(io.BytesIO(BetonContents(beton).image_bytes(5))).convert("RGB").size == (64, 64)
+    result = capfast_cli("inspect", beton, "--verify")
+    assert result.code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"record 5 (image {image_id}) does not match its checksum: " in result.stderr
+    flip_byte(beton, middle[1])
+    result = capfast_cli("inspect", beton, "--verify", "--json")
+    assert f"record 5 (image {image_id}) does not match its checksum, and so do 1 more of its 12 records" \
+        in result.stderr and result.stdout == ""
+
+
+def test_verify_of_a_beton_without_checksums_checks_its_structure(tmp_path, capfast_cli):
+    fields = schema.beton_fields(captions_per_image=2, max_len=2, checksums=False)
+    sample = (np.zeros((8, 8, 3), np.uint8), np.ones((2, 4), np.int32), 1, 7)
+    beton = write_beton(tmp_path / "old.beton", fields, sample)  # ffcv's writer, as capfast before format 2
+    result = capfast_cli("inspect", beton, "--verify", "--json")
+    assert result.code == 0, result.stderr
+    assert "has no record checksums" in result.stderr and "only its structure was checked" in result.stderr
+    info = json.loads(result.stdout)
+    assert info["checksums"] is False and info["verified"] is None and info["records"] == 2
+
+
+def test_a_cut_beton_is_truncated(converted, tmp_path, capfast_cli):
+    whole = (converted / "val.beton").read_bytes()
+    table_start = int(check_beton(converted / "val.beton").header["alloc_table_ptr"])
+    beton = tmp_path / "val.beton"
+    for kept, expects in [(len(whole) // 2, f"at least {table_start}"), (len(whole) - 10, str(len(whole)))]:
+        beton.write_bytes(whole[:kept])
+        result = capfast_cli("inspect", beton)
+        assert result.code == 2 and f"is truncated ({kept} bytes, its header expects {expects})" in result.stderr
+    beton.write_bytes(whole + bytes(24))
+    with pytest.raises(CapfastError, match=f"has 24 bytes past its end .*its header expects {len(whole)}"):
+        check_beton(beton)

@@ -38,7 +38,7 @@ def loader(beton, train=True, seed=0, device="cpu", dtype=torch.float32, distrib
 def write_beton(path, images, fields=None, records=None):
     from ffcv.writer import DatasetWriter
 
-    fields = fields or schema.beton_fields(captions_per_image=2, max_len=4)
+    fields = fields or schema.beton_fields(captions_per_image=2, max_len=4, checksums=False)  # ffcv's writer: format 1
     if records is None:
         records = [(image, np.full((2, 6), i, np.int32), 1 + i % 2, 100 + i) for i, image in enumerate(images)]
     DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(records)
@@ -250,7 +250,7 @@ def test_bad_files_raise_one_line_errors(tmp_path, train_beton):
     junk = tmp_path / "junk.beton"
     junk.write_bytes(b"not a beton at all" * 10)
     foreign = write_beton(tmp_path / "foreign.beton", None, fields={"label": IntField()}, records=[(1,), (2,)])
-    raw_fields = {**schema.beton_fields(2, 4), schema.IMAGE: RGBImageField(write_mode="raw")}
+    raw_fields = {**schema.beton_fields(2, 4, checksums=False), schema.IMAGE: RGBImageField(write_mode="raw")}
     raw = write_beton(tmp_path / "raw.beton", None, fields=raw_fields,
                       records=[(np.zeros((8, 8, 3), np.uint8), np.zeros((2, 6), np.int32), 1, 1)])
     for path, message in [(tmp_path / "missing.beton", "not found"), (junk, "not a beton"),
@@ -258,6 +258,25 @@ def test_bad_files_raise_one_line_errors(tmp_path, train_beton):
         with pytest.raises(CapfastError, match=message) as error:
             loader(path)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_verify_names_the_record_whose_bytes_changed(val_beton, tmp_path, device):
+    import shutil
+
+    beton = tmp_path / "val.beton"
+    shutil.copy(val_beton, beton)
+    contents = BetonContents(beton)
+    damaged = bytearray(beton.read_bytes())
+    damaged[int(contents.image_meta["data_ptr"][9]) + len(contents.image_bytes(9)) // 2] ^= 0x10
+    beton.write_bytes(bytes(damaged))
+    with loader(beton, train=False, device=device, verify=True).epoch(0) as batches:
+        assert [len(next(batches).images) for _ in range(2)] == [4, 4]  # records 0-7 match their checksums
+        with pytest.raises(CapfastError, match=rf"val.beton: record 9 \(image {contents.image_ids[9]}\) does not "
+                                               "match its checksum: "):
+            next(batches)
+    with pytest.raises(CapfastError, match="has no record checksums .* set data.verify=false"):
+        loader(write_beton(tmp_path / "old.beton", [np.zeros((8, 8, 3), np.uint8)] * 4), verify=True)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -337,7 +356,7 @@ def bench_loader(beton, *options) -> dict:
 def test_bench_loader_prints_a_machine_readable_ratio_against_both_baselines(train_beton):
     values, output = bench_loader(train_beton, "--baseline", "all")
     assert list(values) == ["capfast_img_s", "baseline_img_s", "ratio", "ffcv_img_s", "ffcv_ratio",
-                            "mean_jpeg_kb", "ceiling_img_s", "ceiling_fraction"]
+                            "mean_jpeg_kb", "ceiling_img_s", "ceiling_fraction", "verify_img_s", "verify_ratio"]
     assert all(float(values[k]) > 0 for k in ("capfast_img_s", "baseline_img_s", "ffcv_img_s")), values
     assert all(math.isfinite(float(values[k])) for k in ("ratio", "ffcv_ratio")), values  # 2 batches: noisy
     for name, over in (("ratio", "baseline_img_s"), ("ffcv_ratio", "ffcv_img_s")):  # capfast over each baseline
@@ -347,8 +366,11 @@ def test_bench_loader_prints_a_machine_readable_ratio_against_both_baselines(tra
     mean_kb = np.mean([len(contents.image_bytes(i)) for i in range(len(contents))]) / 1024
     assert float(values["mean_jpeg_kb"]) == pytest.approx(mean_kb, abs=0.05) and "stored JPEGs: mean" in output
     assert values["ceiling_img_s"] == values["ceiling_fraction"] == "nan"  # the decode ceiling is timed on CUDA
-    plain, _ = bench_loader(train_beton, "--baseline")  # plain --baseline: DataLoader + PIL only
+    assert values["verify_img_s"] == values["verify_ratio"] == "nan"
+    plain, _ = bench_loader(train_beton, "--baseline", "--verify")  # plain --baseline: DataLoader + PIL only
     assert float(plain["ratio"]) > 0 and plain["ffcv_img_s"] == plain["ffcv_ratio"] == "nan"
+    assert float(plain["verify_ratio"]) == pytest.approx(float(plain["verify_img_s"]) / float(plain["capfast_img_s"]),
+                                                         rel=0.03, abs=0.01)  # the loader with data.verify over it
 
 
 # ---- CUDA (skipped without a GPU) -------------------------------------------------------------------------

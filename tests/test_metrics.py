@@ -166,7 +166,20 @@ def test_written_files_load_with_pycocotools(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory):
+def meteor_jar():
+    """One running meteor-1.5.jar (pycocoevalcap's Meteor) for this module: it takes ~13 s of CPU to start (its
+    paraphrase tables), and it scores each EVAL line on its own, so the official pipeline and capfast's score()
+    can share it. Patch pycocoevalcap's Meteor to return it where one is wanted."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    jar = Meteor()
+    yield jar
+    jar.meteor_p.kill()  # capfast's score() stops the jar it used; otherwise it stops here
+    jar.meteor_p.wait()
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory, meteor_jar):
     """COCOEvalCap's numbers for RESULTS, through the files a user would hand to the official pipeline."""
     import pycocoevalcap.eval
     from pycocotools.coco import COCO
@@ -185,6 +198,7 @@ def official(tmp_path_factory):
     loaded = coco.loadRes(str(folder / "results.json"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pycocoevalcap.eval, "Spice", NoSpice)
+        patch.setattr(pycocoevalcap.eval, "Meteor", lambda: meteor_jar)
         evaluation = pycocoevalcap.eval.COCOEvalCap(coco, loaded)
         evaluation.params["image_id"] = loaded.getImgIds()
         evaluation.evaluate()
@@ -197,7 +211,10 @@ def test_frozen_numbers_are_the_official_ones(official):
 
 
 @needs_java
-def test_python_tokenizer_with_meteor_equals_official(official):
+def test_python_tokenizer_with_meteor_equals_official(official, meteor_jar, monkeypatch):
+    import pycocoevalcap.meteor.meteor
+
+    monkeypatch.setattr(pycocoevalcap.meteor.meteor, "Meteor", lambda: meteor_jar)  # the jar `official` used
     assert score(RESULTS, REFERENCES, meteor=True) == pytest.approx(official, abs=1e-9)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_train import ROOT, TINY
+from test_train import ROOT, SHALLOW
 from torch import nn
 
 from capfast.models import ModelConfig, build_captioner
@@ -41,7 +41,7 @@ def test_a_frozen_trunk_keeps_its_weights_and_statistics_and_the_rest_moves_at_o
 
     lr, encoder_lr = 1e-3, 3e-2
     cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [
-        *TINY, "encoder_trainable_from_epoch=-1", "max_steps=1", "optim.warmup_steps=0", "optim.weight_decay=0.0",
+        *SHALLOW, "encoder_trainable_from_epoch=-1", "max_steps=1", "optim.warmup_steps=0", "optim.weight_decay=0.0",
         f"optim.lr={lr}", f"optim.encoder_lr={encoder_lr}"])
     trainer = Trainer(cfg, converted, tmp_path / "run")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

@@ -6,11 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
-from test_train import TINY
+from test_train import SHALLOW
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, STEPS_PER_EPOCH = 2, 4  # 32 train images, batch 8
-OVERRIDES = [*TINY, f"epochs={EPOCHS}", "progress_seconds=0", "eval.every_epochs=1", "eval.beam_size=2"]
+OVERRIDES = [*SHALLOW, f"epochs={EPOCHS}", "progress_seconds=0", "eval.every_epochs=1", "eval.beam_size=2"]
 STEP_LINE = re.compile(r"^train epoch (\d+)/2  step (\d+)/8  loss \d+\.\d{4}  [\d,]+\.\d img/s  "
                        r"data wait \d+\.\d%  ETA \d+:\d\d:\d\d$")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, assert_clean_error
+from test_train import SHALLOW, assert_clean_error
 
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig, build_captioner, checkpoint
@@ -23,7 +23,7 @@ VALIDATED = ["eval.every_epochs=1", "eval.beam_size=1", "eval.max_len=8", "epoch
 def train(data, out, *overrides, resume=False):
     from capfast.train.trainer import Trainer
 
-    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*TINY, *overrides])
+    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*SHALLOW, *overrides])
     return Trainer(cfg, data, out, resume=resume).train()
 
 
@@ -85,7 +85,7 @@ def test_resume_reads_neither_init_from_nor_its_model(converted, validated_run, 
     checkpoint.save({"model": ModelRecord.of(other, Vocab.load(converted / "vocab.json")).state_dict()}, start)
     assert train(converted, tmp_path / "run", init, "epochs=3", resume=True)["step"] == 12
     model = checkpoint.load(tmp_path / "run" / "last.pt")["model"]["model_config"]
-    assert model["d_model"] == 32 and model["encoder_depth"] == 4  # the run's own, not the new init_from's
+    assert model["d_model"] == 32 and model["encoder_depth"] == 2  # the run's own, not the new init_from's
 
 
 def test_special_token_ids_are_the_vocabulary_s_only(validated_run):
@@ -124,7 +124,7 @@ def test_a_version_2_checkpoint_still_captions_and_exports_but_resumes_in_one_li
     assert capfast_cli("export", out / "last.pt", tmp_path / "model").code == 0
     assert json.loads((tmp_path / "model" / "config.json").read_text())["trained"]["metrics"] == {"CIDEr": 1.0}
     result = capfast_cli("train", "--config", ROOT / "configs" / "cpu_smoke.toml", "--data", converted, "--out", out,
-                         "--resume", *TINY)
+                         "--resume", *SHALLOW)
     assert_clean_error(result, "is checkpoint version 2", "init_from=")
 
 

@@ -8,8 +8,7 @@ from unittest.mock import ANY
 
 import pytest
 import torch
-from test_train import TINY as TRAIN_TINY
-from test_train import assert_clean_error
+from test_train import SHALLOW, assert_clean_error
 
 from capfast.models import ModelConfig, build_captioner, checkpoint
 from capfast.models.run_dir import RunDir
@@ -17,8 +16,8 @@ from capfast.models.sampling import sample_captions
 from capfast.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# test_train's tiny recipe, the encoder left as the recipe says (SCST tests choose frozen or trainable themselves)
-TINY = [o for o in TRAIN_TINY if not o.startswith("encoder_trainable_from_epoch")]
+# test_train's SHALLOW recipe, the encoder left as the recipe says (SCST tests choose frozen or trainable themselves)
+RECIPE = [o for o in SHALLOW if not o.startswith("encoder_trainable_from_epoch")]
 SCST = ["objective=\"scst\"", "scst.samples=3", "scst.max_len=8", "optim.lr=1e-4", "optim.warmup_steps=0"]
 SCALARS = ("scst/reward", "scst/baseline", "scst/advantage", "scst/sample_len", "scst/entropy", "scst/reward_ms")
 
@@ -125,7 +124,7 @@ def test_advantage_is_the_reward_minus_the_configured_baseline(baseline):
 def train(data, out, *overrides, resume=False):
     from capfast.train.trainer import Trainer
 
-    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*TINY, *overrides])
+    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*RECIPE, *overrides])
     return Trainer(cfg, data, out, resume=resume).train()
 
 
@@ -176,7 +175,7 @@ def test_scst_gradient_is_a_mean_over_all_samples_of_the_step(converted, xe_chec
     from capfast.train.trainer import Trainer
 
     cfg = load_config(ROOT / "configs" / "cpu_smoke.toml",
-                      [*TINY, *SCST, "scst.baseline=\"greedy\"", f"init_from=\"{xe_checkpoint}\""])
+                      [*RECIPE, *SCST, "scst.baseline=\"greedy\"", f"init_from=\"{xe_checkpoint}\""])
     trainer = Trainer(cfg, converted, tmp_path / "run")
     trainer._set_encoder_trainable(0)
     with contextlib.closing(trainer.train_loader.epoch(0)) as epoch:
@@ -231,7 +230,7 @@ def test_the_end_of_a_run_below_its_best_is_one_line_naming_best_pt(tmp_path):
 
 def scst_cli(capfast_cli, data, out, *overrides):
     return capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", data, "--out", out,
-                       *TINY, *SCST, *overrides)
+                       *RECIPE, *SCST, *overrides)
 
 
 def test_bad_scst_inputs(converted, xe_checkpoint, tmp_path, capfast_cli):

@@ -1,7 +1,7 @@
 """Trainer on CPU with a tiny model: learning, bf16, resume equivalence, TensorBoard scalars, DDP parity."""
 
+import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,26 +13,31 @@ import torch
 from capfast.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests' recipe: 32 training images in 4 steps of 8 per epoch. On all 4 stages of ResNet-18 a step takes
+# ~0.2 s on 2 cores and a checkpoint 134 MB: test_faults signals its runs at a step and times that against it.
 TINY = [
-    "model.encoder=\"resnet18\"", "model.encoder_depth=4",  # the trunk these tests were tuned with
+    "model.encoder=\"resnet18\"", "model.encoder_depth=4",
     "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.dropout=0.0",
     "data.image_size=32", "data.batch_size=8", "data.workers=1", "eval.every_epochs=0", "precision=\"fp32\"",
     "encoder_trainable_from_epoch=0", "optim.warmup_steps=2", "optim.lr=3e-3", "optim.encoder_lr=3e-3",
     "checkpoint_every=0", "optim.label_smoothing=0.0",
 ]
+# TINY on ResNet-18's first 2 stages: ~15 ms steps and 8 MB checkpoints, for every test that does not race a step.
+SHALLOW = [*TINY, "model.encoder_depth=2"]
 
 
-def train(data, out, *overrides, resume=False):
+def train(data, out, *overrides, resume=False, recipe=TINY):
+    """Trains `recipe` with `overrides` in this process; returns the run's summary."""
     from capfast.train.trainer import Trainer
 
-    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*TINY, *overrides])
+    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*recipe, *overrides])
     return Trainer(cfg, data, out, resume=resume).train()
 
 
 def test_tiny_model_learns_and_logs_every_step(converted, tmp_path, tb_scalars):
-    summary = train(converted, tmp_path / "run", "epochs=12")
+    summary = train(converted, tmp_path / "run", "epochs=20", recipe=SHALLOW)
     steps = summary["step"]
-    assert steps == 12 * (32 // 8)
+    assert steps == 20 * (32 // 8)
     scalars = tb_scalars(tmp_path / "run")
     for tag in ("train/loss", "train/lr", "perf/images_per_sec", "perf/step_time_ms", "perf/data_wait_ms"):
         assert sorted(scalars[tag]) == list(range(1, steps + 1)), tag
@@ -46,7 +51,7 @@ def test_tiny_model_learns_and_logs_every_step(converted, tmp_path, tb_scalars):
 def test_bf16_autocast_on_cpu(converted, tmp_path, tb_scalars):
     from capfast.train.trainer import Trainer
 
-    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*TINY, "epochs=1", "precision=\"bf16\""])
+    cfg = load_config(ROOT / "configs" / "cpu_smoke.toml", [*SHALLOW, "epochs=1", "precision=\"bf16\""])
     trainer = Trainer(cfg, converted, tmp_path / "run")
     computed_in = set()
     for layer in (trainer.model.encoder.trunk.conv1, trainer.model.decoder.blocks[0].mlp.net[0]):
@@ -58,9 +63,9 @@ def test_bf16_autocast_on_cpu(converted, tmp_path, tb_scalars):
 
 
 def test_resume_follows_the_uninterrupted_run(converted, tmp_path, tb_scalars):
-    train(converted, tmp_path / "full", "epochs=3")
-    train(converted, tmp_path / "cut", "epochs=3", "max_steps=6")   # stops mid-epoch 1 (4 steps per epoch)
-    train(converted, tmp_path / "cut", "epochs=3", resume=True)
+    train(converted, tmp_path / "full", "epochs=3", recipe=SHALLOW)
+    train(converted, tmp_path / "cut", "epochs=3", "max_steps=6", recipe=SHALLOW)  # mid-epoch 1 (4 steps per epoch)
+    train(converted, tmp_path / "cut", "epochs=3", resume=True, recipe=SHALLOW)
     full = tb_scalars(tmp_path / "full")["train/loss"]
     cut = tb_scalars(tmp_path / "cut")["train/loss"]
     assert sorted(cut) == sorted(full) == list(range(1, 13))
@@ -68,50 +73,51 @@ def test_resume_follows_the_uninterrupted_run(converted, tmp_path, tb_scalars):
         assert cut[step] == pytest.approx(full[step], rel=1e-4, abs=1e-5), step
 
 
-DDP_SCRIPT = r"""
-import os, sys, torch
-from pathlib import Path
-from capfast.train.config import load_config
-from capfast.train.trainer import Trainer
-cfg = load_config(Path(sys.argv[1]), sys.argv[4:])
-trainer = Trainer(cfg, Path(sys.argv[2]), Path(sys.argv[3]))
-trainer._set_encoder_trainable(0)
-epoch = trainer.train_loader.epoch(0)
-batch = next(epoch)
-epoch.close()  # stops ffcv's prefetch thread: exiting under a running numba parallel loop aborts the process
-loss = trainer._accumulate_gradients([batch])
-if trainer.dist.is_main:
+def first_step(data: Path, out: Path, overrides: list[str]) -> tuple[dict, bool]:
+    """The loss, gradients and image ids of a Trainer's first step -- this process's shard of it under torchrun --
+    and whether this is the main process."""
+    from capfast.train.trainer import Trainer
+
+    trainer = Trainer(load_config(ROOT / "configs" / "cpu_smoke.toml", overrides), data, out)
+    trainer._set_encoder_trainable(0)
+    # closing stops ffcv's prefetch thread: exiting under a running numba parallel loop aborts the process
+    with contextlib.closing(trainer.train_loader.epoch(0)) as epoch:
+        batch = next(epoch)
+    loss = trainer._accumulate_gradients([batch])
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    torch.save({"loss": loss.item(), "grads": grads, "ids": batch.image_ids, "images": batch.images},
-               Path(sys.argv[3]) / "step1.pt")
-from capfast.common import distributed; distributed.shutdown()
+    return ({"loss": loss.item(), "grads": grads, "ids": batch.image_ids, "images": batch.images},
+            trainer.dist.is_main)
+
+
+DDP_SCRIPT = r"""
+import sys, torch
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]  # this checkout's capfast and tests
+from test_train import first_step
+from capfast.common import distributed
+step, is_main = first_step(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+if is_main:
+    torch.save(step, Path(sys.argv[3]) / "step1.pt")
+distributed.shutdown()
 """
-
-
-def _first_step(converted, out: Path, nproc: int, port: int = 0) -> dict:
-    out.mkdir()
-    script = out / "step.py"
-    script.write_text(DDP_SCRIPT)
-    # A trainable encoder (TINY) whose BatchNorm normalizes with its stored statistics (model.batchnorm=frozen).
-    args = [ROOT / "configs" / "cpu_smoke.toml", converted, out, *TINY, "model.batchnorm=frozen"]
-    if nproc == 1:
-        cmd = [sys.executable, script, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={port}", "--master_addr=127.0.0.1", script, *args]
-    # a script's own folder comes first on sys.path, not the working directory: PYTHONPATH makes it this checkout's
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out / "step1.pt")
+# A trainable encoder whose BatchNorm normalizes with its stored statistics (model.batchnorm=frozen): each image's
+# features do not depend on the rest of its batch.
+DDP_RECIPE = [*SHALLOW, "model.batchnorm=frozen"]
 
 
 def test_two_gloo_processes_match_one_process(converted, tmp_path, free_port):
     """What N ranks x B/N share with 1 x B: the batch and its crops exactly (rank 0 reads the first half), and,
     BatchNorm frozen, the loss and gradients up to float summation order. Over many steps these rounding
     differences compound, so the weights of the two runs drift apart (README, Design notes)."""
-    one = _first_step(converted, tmp_path / "one", 1)
-    two = _first_step(converted, tmp_path / "two", 2, free_port)
+    one, _ = first_step(converted, tmp_path / "one", DDP_RECIPE)
+    out = tmp_path / "two"
+    out.mkdir()
+    (out / "step.py").write_text(DDP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
+           "--master_addr=127.0.0.1", out / "step.py", ROOT, converted, out, *DDP_RECIPE]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = torch.load(out / "step1.pt")
     half = len(one["ids"]) // 2
     assert torch.equal(two["ids"], one["ids"][:half]) and torch.equal(two["images"], one["images"][:half])
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
@@ -128,7 +134,7 @@ def test_gradient_accumulation_equals_one_big_batch(converted, tmp_path):
 
     def first_step_grads(batch_size: int, accum: int) -> dict:
         cfg = load_config(ROOT / "configs" / "cpu_smoke.toml",
-                          [*TINY, f"data.batch_size={batch_size}", f"optim.grad_accum={accum}",
+                          [*SHALLOW, f"data.batch_size={batch_size}", f"optim.grad_accum={accum}",
                            "data.crop_scale=[1.0, 1.0]", "model.batchnorm=frozen"])
         trainer = Trainer(cfg, converted, tmp_path / f"run{accum}")
         trainer._set_encoder_trainable(0)
@@ -194,10 +200,10 @@ def test_vocab_not_matching_the_beton(converted, tmp_path, capfast_cli):
 
 
 def test_resume_refuses_changes_that_break_continuing_exactly(converted, tmp_path, capfast_cli):
-    train(converted, tmp_path / "run", "epochs=2", "max_steps=3")
+    train(converted, tmp_path / "run", "epochs=2", "max_steps=3", recipe=SHALLOW)
     result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
                          "--out", tmp_path / "run",
-                         "--resume", *TINY, "epochs=2", "model.d_model=64", "data.batch_size=16", "seed=7")
+                         "--resume", *SHALLOW, "epochs=2", "model.d_model=64", "data.batch_size=16", "seed=7")
     assert_clean_error(result, "model.d_model 32 -> 64", "data.batch_size 8 -> 16", "seed 0 -> 7")
 
 
@@ -205,10 +211,10 @@ def test_resume_applies_and_records_safe_changes(converted, tmp_path, capfast_cl
     from capfast.train.optim import lr_factor
 
     run = tmp_path / "run"
-    train(converted, run, "epochs=2", "max_steps=3")
+    train(converted, run, "epochs=2", "max_steps=3", recipe=SHALLOW)
     result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
                          "--out", run,
-                         "--resume", *TINY, "epochs=3", "max_steps=5", "optim.lr=1e-3")
+                         "--resume", *SHALLOW, "epochs=3", "max_steps=5", "optim.lr=1e-3")
     assert result.code == 0, result.stderr
     assert "changed settings: optim.lr 0.003 -> 0.001, epochs 2 -> 3, max_steps 3 -> 5" in result.stderr
     history = json.loads((run / "config.json").read_text())["history"]
@@ -220,17 +226,18 @@ def test_resume_applies_and_records_safe_changes(converted, tmp_path, capfast_cl
 
 
 def test_existing_run_needs_resume(converted, tmp_path, capfast_cli):
-    train(converted, tmp_path / "run", "epochs=1")
+    train(converted, tmp_path / "run", "epochs=1", recipe=SHALLOW)
     result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
                          "--out", tmp_path / "run")
     assert_clean_error(result, "--resume")
 
 
-def test_nproc_launches_ddp_processes(converted, tmp_path, tb_scalars):
-    proc = subprocess.run([sys.executable, "-m", "capfast", "train", "--config", ROOT / "configs/cpu_smoke.toml",
-                           "--data", converted, "--out", tmp_path / "run", "--nproc", "2", *TINY, "epochs=1"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_nproc_launches_ddp_processes(converted, tmp_path, tb_scalars, capfast_cli, monkeypatch):
+    """`capfast train --nproc 2`, called in this process: it launches torchrun, whose 2 ranks train together."""
+    monkeypatch.chdir(ROOT)  # the ranks run `python -m capfast`: this checkout's
+    result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
+                         "--out", tmp_path / "run", "--nproc", "2", *SHALLOW, "epochs=1")
+    assert result.code == 0, result.stderr  # the ranks' own output: pytest's captured stdout and stderr
     assert (tmp_path / "run" / "last.pt").is_file()
     scalars = tb_scalars(tmp_path / "run")
     assert sorted(scalars["train/loss"]) == [1, 2, 3, 4]  # global batch 8: 4 steps

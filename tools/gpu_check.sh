@@ -10,11 +10,13 @@
 #   loader  bench loader --device cuda, batch 256: img/s, the same-run decode ceiling, the fraction, mean KB
 #   train   bench train --matrix, ResNet-50 + Transformer batch 256: real loader vs resident batch efficiency
 #   run     a short `capfast train`: median TensorBoard perf/data_wait_ms and perf/step_time_ms after warm-up
+#   features `capfast features` img/s (ResNet-50 and ViT-B/16, bf16, random weights) and `capfast bench features`
+#           (steps/s from the cache / on the fly, the cache's read rate against the decoder's consumption)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 N=${N:-4000}
 PY=${PY:-python3}
-PARTS=${PARTS:-"data tests loader train run"}
+PARTS=${PARTS:-"data tests loader train run features"}
 RUN_STEPS=${RUN_STEPS:-120}
 WARMUP_STEPS=${WARMUP_STEPS:-20}
 DATA="$OUT/data"
@@ -80,4 +82,16 @@ for tag, values in sorted(series.items()):
         print(f"{tag}: median {statistics.median(steady):.2f} over {len(steady)} steps after {warmup} "
               f"(max {max(steady):.2f})")
 EOF
+fi
+
+if want features; then
+  step "features: capfast features img/s, bf16, batch 256 (ResNet-50, then ViT-B/16; random weights)"
+  for encoder in resnet50 vit_b_16; do
+    rm -rf "$DATA/features/gpu_$encoder"
+    /usr/bin/time -f "%e s wall" $PY -m capfast features --data "$DATA" --name "gpu_$encoder" --encoder "$encoder" \
+      --encoder-weights random --image-size 224 --split train --batch-size 256 2>&1 | tail -2
+  done
+  step "bench features: train steps/s from the cache / the frozen trunk on the fly (batch 256, bf16)"
+  $PY -m capfast bench features --data "$DATA" --recipes r50,vitb16 --batch-size 256 --steps 20 --warmup 5 \
+    precision=bf16 2>&1 | tail -3
 fi

@@ -8,6 +8,8 @@
   same beton, batch, crop size and threads. It does less than capfast: uint8 crops, not normalized, resized with
   OpenCV's INTER_AREA (no antialiased bilinear, no seeded boxes).
 - `--baseline all`: both.
+- `--verify`: capfast's loader again with data.verify (each record checked against its checksum): verify_ratio is
+  its speed over the same loader's without it, so 1 - verify_ratio is the check's cost.
 
 Warm-up batches (numba compilation, worker start-up) are not timed. With `--rounds N` each contender runs N
 times, interleaved, and its best run counts.
@@ -104,12 +106,13 @@ def read_records(beton, count: int):
     return [contents.image_bytes(i) for i in range(count)], contents.captions_of(np.arange(count))
 
 
-def run_capfast(beton, device, batch_size, workers, batches, image_size, prefetch) -> Timing:
+def run_capfast(beton, device, batch_size, workers, batches, image_size, prefetch, verify=False) -> Timing:
     from capfast.common.normalization import IMAGENET
     from capfast.data import build_loader
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    options = LoaderOptions(batch_size=batch_size, image_size=image_size, workers=workers, prefetch=prefetch)
+    options = LoaderOptions(batch_size=batch_size, image_size=image_size, workers=workers, prefetch=prefetch,
+                            verify=verify)
     loader = build_loader(beton, options, train=True, device=device, dtype=dtype, normalization=IMAGENET)
     return timed(capfast_batches(loader), batches, batch_size, device)
 
@@ -218,7 +221,9 @@ def jpeg_and_ceiling_figures(beton, device: torch.device, batch_size: int, capfa
                    "ffcv's own RandomResizedCrop pipeline, all = both.")
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
               help="Runs of each contender, interleaved; the best counts (shared machines: load comes and goes).")
-def command(beton, device, batch_size, workers, batches, prefetch, image_size, baseline, rounds):
+@click.option("--verify", is_flag=True,
+              help="Also time the loader with data.verify (records checked against their checksums): its cost.")
+def command(beton, device, batch_size, workers, batches, prefetch, image_size, baseline, rounds, verify):
     """Loader throughput (img/s) on the training path: decode, random-resized crop, normalize, on the device."""
     if min(batch_size, batches, image_size) < 1 or (workers is not None and workers < 1):
         raise CapfastError("--batch-size, --batches, --image-size and --workers must be >= 1")
@@ -228,6 +233,8 @@ def command(beton, device, batch_size, workers, batches, prefetch, image_size, b
     workers = resolve_workers(workers or 0)
     args = (beton, device, batch_size, workers, batches, image_size)
     contenders = {"capfast": functools.partial(run_capfast, *args, prefetch)}
+    if verify:
+        contenders["verify"] = functools.partial(run_capfast, *args, prefetch, True)
     if baseline in ("pil", "all"):
         contenders["pil"] = functools.partial(run_baseline, *args)
     if baseline in ("ffcv", "all"):
@@ -243,12 +250,16 @@ def command(beton, device, batch_size, workers, batches, prefetch, image_size, b
 
 def report(best: dict, device, workers, batch_size, image_size, prefetch, rounds, beton) -> None:
     nan = Timing(float("nan"), float("nan"))
-    capfast, pil, ffcv = best["capfast"], best.get("pil", nan), best.get("ffcv", nan)
+    capfast, pil, ffcv, verify = best["capfast"], best.get("pil", nan), best.get("ffcv", nan), best.get("verify", nan)
     of_rounds = f", best of {rounds}" if rounds > 1 else ""
     click.echo(f"capfast loader ({device.type}, {workers} workers, batch {batch_size}, {image_size} px, "
                f"prefetch {prefetch}{of_rounds}): {capfast.img_s:.1f} img/s, {capfast.cores:.2f} cores busy")
     jpeg_fields = jpeg_and_ceiling_figures(beton, device, batch_size, capfast.img_s)
     ratio, ffcv_ratio = capfast.img_s / pil.img_s, capfast.img_s / ffcv.img_s
+    verify_ratio = verify.img_s / capfast.img_s
+    if "verify" in best:
+        click.echo(f"capfast loader with data.verify: {verify.img_s:.1f} img/s, {verify.cores:.2f} cores busy: "
+                   f"{verify_ratio:.3f} of the same loader without it")
     if "pil" in best:
         click.echo(f"baseline torch DataLoader + PIL ({workers} workers): {pil.img_s:.1f} img/s")
         click.echo(f"speedup: {ratio:.2f}x")
@@ -257,4 +268,5 @@ def report(best: dict, device, workers, batch_size, image_size, prefetch, rounds
                    f"uint8, not normalized): {ffcv.img_s:.1f} img/s, {ffcv.cores:.2f} cores busy")
         click.echo(f"capfast / ffcv: {ffcv_ratio:.2f}x")
     click.echo(f"capfast_img_s={capfast.img_s:.1f} baseline_img_s={pil.img_s:.1f} ratio={ratio:.2f} "
-               f"ffcv_img_s={ffcv.img_s:.1f} ffcv_ratio={ffcv_ratio:.2f} {jpeg_fields}")
+               f"ffcv_img_s={ffcv.img_s:.1f} ffcv_ratio={ffcv_ratio:.2f} {jpeg_fields} "
+               f"verify_img_s={verify.img_s:.1f} verify_ratio={verify_ratio:.3f}")

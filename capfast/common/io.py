@@ -13,13 +13,15 @@ from capfast.errors import CapfastError
 
 @contextlib.contextmanager
 def atomic_path(final: Path):
-    """Yields a temporary path beside `final`; renames it onto `final` only if the block succeeds."""
+    """Yields a temporary path beside `final`; renames it onto `final` only if the block succeeds. `final` gets the
+    usual permissions (0666 less the umask) whatever made the temporary file: mkstemp makes 0600 files, and so does
+    safetensors' save, which writes a file of its own and renames it onto the path it is given."""
     final = Path(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs should get the usual permissions
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         fsync_path(tmp)
         os.replace(tmp, final)
         fsync_path(final.parent)

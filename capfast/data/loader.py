@@ -7,7 +7,8 @@ waits on. Without CUDA, each image is decoded (libjpeg-turbo), cropped, resized,
 ffcv's parallel stage, on the loader's `workers` threads (ffcv_ops.CropResizeDecoder), and the producer only
 wraps the finished arrays. prefetch=0 does the producer's work on the consumer's thread. Crops are drawn from a
 generator seeded by (seed, epoch, batch, rank), so every path, and a run resumed with skip_batches, sees the same
-batches.
+batches. With data.verify the producer checks each record of a batch against its checksum (schema.record_checksum)
+before the batch is used: on CUDA the bytes it hands to nvJPEG, on the CPU a copy of the bytes the stage decoded.
 """
 
 import contextlib
@@ -31,6 +32,7 @@ from capfast.errors import CapfastError
 from capfast.store import schema
 
 IMAGE_INFO = "image_info"  # (height, width, nbytes) of each image: an extra ffcv output read from `image`
+JPEG_BYTES = "jpeg_bytes"  # the CPU path's stored JPEG bytes, packed, when data.verify checks them
 # Held while a batch's CUDA work is enqueued: see _cuda_batch for the nvJPEG output-memory hazard it guards.
 _CUDA_ENQUEUE = threading.Lock()
 
@@ -67,6 +69,7 @@ class LoaderSettings:
     decode: str
     normalization: Normalization  # the encoder's input normalization
     prefetch: int  # batches a producer thread prepares ahead; 0: prepared on the consumer's
+    verify: bool  # each record checked against its checksum as it is read
 
 
 def build_loader(beton, options: LoaderOptions, *, train: bool, device="cpu", dtype=torch.float32, seed: int = 0,
@@ -89,7 +92,7 @@ def build_loader(beton, options: LoaderOptions, *, train: bool, device="cpu", dt
         workers=resolve_workers(options.workers), seed=int(seed), order=options.order if train else "sequential",
         os_cache=options.os_cache, crop_scale=options.crop_scale, crop_ratio=options.crop_ratio,
         color_jitter=options.color_jitter if train else 0.0, decode="batched" if device.type == "cuda" else "stage",
-        normalization=normalization, prefetch=options.prefetch)
+        normalization=normalization, prefetch=options.prefetch, verify=options.verify)
     loader = CaptionLoader(beton, settings, shard)
     if vocab_size is not None:
         from capfast.store.beton import BetonContents, check_token_ids
@@ -101,6 +104,8 @@ def build_loader(beton, options: LoaderOptions, *, train: bool, device="cpu", dt
 class CaptionLoader:
     """Batches of one beton for this rank. len() = batches per epoch; epoch(n) iterates epoch n."""
 
+    yields_images = True  # (capfast.data.feature_loader's batches hold a trunk's features instead)
+
     def __init__(self, beton, settings: LoaderSettings, shard: orders.Shard):
         from capfast.common.runtime import prepare_process
         from capfast.store.beton import check_beton
@@ -110,6 +115,9 @@ class CaptionLoader:
         self.settings = settings
         self.shard = shard
         reader = check_beton(beton)
+        if settings.verify and schema.CHECKSUM not in reader.field_names:
+            raise CapfastError(f"{self.beton} has no record checksums (converted before capfast stored them), so "
+                               f"{KEY_PREFIX}verify cannot check it: convert it again or set {KEY_PREFIX}verify=false")
         self.num_records = int(reader.num_samples)
         self.max_jpeg_bytes = checks.check_images(reader, self.beton)
         self.num_samples = self._records_per_rank()
@@ -129,25 +137,15 @@ class CaptionLoader:
         return -(-self.num_samples // self.settings.batch_size)
 
     def _records_per_rank(self) -> int:
-        s = self.settings
-        if s.train:
-            return orders.train_batches_per_rank(self.num_records, s.batch_size, self.shard) * s.batch_size
-        return len(orders.eval_indices(self.num_records, self.shard))
+        return orders.records_per_rank(self.num_records, self.settings.batch_size, self.shard, self.settings.train)
 
     # ---- order ----------------------------------------------------------------------------------------
 
     def rank_order(self, epoch: int) -> np.ndarray:
         """Record indices this rank reads in `epoch`, in order (a pure function of seed, epoch and rank)."""
         s = self.settings
-        if not s.train:
-            return orders.eval_indices(self.num_records, self.shard)
-        if s.order == "quasi_random":
-            epoch_order = orders.quasi_random_epoch_order(self._quasi, s.seed, epoch, s.batch_size)
-        elif s.order == "random":
-            epoch_order = orders.random_epoch_order(self.num_records, s.seed, epoch)
-        else:
-            epoch_order = orders.sequential_epoch_order(self.num_records)
-        return orders.train_order(epoch_order, s.batch_size, self.shard)
+        return orders.rank_order(self.num_records, s.batch_size, self.shard, train=s.train, order=s.order,
+                                 seed=s.seed, epoch=epoch, quasi=self._quasi)
 
     # ---- iteration ------------------------------------------------------------------------------------
 
@@ -247,8 +245,28 @@ class CaptionLoader:
                                                           memory_format=torch.channels_last)
         return resized[:n]
 
+    def _verify(self, out: dict, epoch: int, b: int) -> None:
+        """data.verify: a one-line error naming the first record of the batch that does not match its checksum."""
+        from capfast.store.beton import mismatch_error, record_mismatches
+
+        info = out[IMAGE_INFO].numpy()
+        ends = np.cumsum(info[:, 2])
+        packed = memoryview(out[JPEG_BYTES if self.settings.decode == "stage" else schema.IMAGE].numpy().reshape(-1))
+        jpegs = [packed[end - size:end] for end, size in zip(ends.tolist(), info[:, 2].tolist())]
+        values = np.stack([info[:, 0], info[:, 1], *(out[name].numpy().reshape(-1) for name in
+                                                     (schema.NCAPTIONS, schema.IMAGE_ID, schema.CHECKSUM))], axis=1)
+        bad = record_mismatches(jpegs, out[schema.CAPTIONS].numpy(), values)
+        if bad:
+            raise mismatch_error(self.beton, self._record(epoch, b, bad[0]), int(values[bad[0], 3]))
+
+    def _record(self, epoch: int, b: int, i: int) -> int:
+        """The record index of position i of batch b of `epoch`."""
+        return int(self.rank_order(epoch)[b * self.settings.batch_size + i])
+
     def _cpu_batch(self, raw, epoch: int, b: int) -> Batch:
         out = dict(zip(self._ffcv.pipeline_specs, raw))
+        if self.settings.verify:
+            self._verify(out, epoch, b)
         if self.settings.decode == "stage":  # cropped, resized and normalized in ffcv's stage already
             from capfast.data.ffcv_ops import undecodable
 
@@ -266,7 +284,7 @@ class CaptionLoader:
         if i is None:
             return CapfastError(f"{self.beton}: batch {b} of epoch {epoch} does not decode on "
                                f"{self.settings.device} ({why}), though each of its JPEGs decodes on the CPU")
-        record = int(self.rank_order(epoch)[b * self.settings.batch_size + i])
+        record = self._record(epoch, b, i)
         image_id = int(out[schema.IMAGE_ID].view(-1)[i])
         return CapfastError(f"{self.beton}: record {record} (image {image_id}) is not a valid JPEG: {why}; "
                            f"convert the split again")
@@ -292,6 +310,8 @@ class CaptionLoader:
         an immediate nvJPEG write into it is safe too.
         """
         out = dict(zip(self._ffcv.pipeline_specs, raw))
+        if self.settings.verify:
+            self._verify(out, epoch, b)  # before nvJPEG sees the bytes
         boxes, factors = self._augmentation(out[IMAGE_INFO][:, :2].clone(), epoch, b)
         with _CUDA_ENQUEUE, self._stream_context():
             _wait_idle(self._stream)
@@ -364,13 +384,17 @@ class CaptionLoader:
             schema.CAPTIONS: PipelineSpec(schema.CAPTIONS, decoder=NDArrayDecoder(), transforms=[ToTensor()]),
             schema.NCAPTIONS: PipelineSpec(schema.NCAPTIONS, decoder=IntDecoder(), transforms=[ToTensor()]),
             schema.IMAGE_ID: PipelineSpec(schema.IMAGE_ID, decoder=IntDecoder(), transforms=[ToTensor()]),
+            # None: ffcv skips the field (a format 1 beton has none)
+            schema.CHECKSUM: PipelineSpec(schema.CHECKSUM, decoder=IntDecoder(), transforms=[ToTensor()])
+            if self.settings.verify else None,
         }
+        image_info = {IMAGE_INFO: PipelineSpec(schema.IMAGE, decoder=ImageInfoDecoder(), transforms=[ToTensor()])}
+        jpeg_bytes = PipelineSpec(schema.IMAGE, decoder=JpegBytesDecoder(self.max_jpeg_bytes), transforms=[ToTensor()])
         if self.settings.decode == "stage":  # the stage reads each image's size from the metadata itself
+            checked = {JPEG_BYTES: jpeg_bytes, **image_info} if self.settings.verify else {}
             return {schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=self._crop_resize_decoder(),
-                                               transforms=[ToTensor()]), **specs}
-        return {schema.IMAGE: PipelineSpec(schema.IMAGE, decoder=JpegBytesDecoder(self.max_jpeg_bytes),
-                                           transforms=[ToTensor()]), **specs,
-                IMAGE_INFO: PipelineSpec(schema.IMAGE, decoder=ImageInfoDecoder(), transforms=[ToTensor()])}
+                                               transforms=[ToTensor()]), **specs, **checked}
+        return {schema.IMAGE: jpeg_bytes, **specs, **image_info}
 
     def _crop_resize_decoder(self):
         from capfast.data.ffcv_ops import CropResizeDecoder

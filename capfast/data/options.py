@@ -21,3 +21,4 @@ class LoaderOptions:
     crop_ratio: tuple[float, float] = option((3 / 4, 4 / 3), above=0, check=ascending)  # crop width / height
     color_jitter: float = option(0.0, min=0, below=1)
     prefetch: int = option(3, min=0)            # batches prepared ahead by a producer thread (0 = none: synchronous)
+    verify: bool = option(False)                # check each record read against its checksum (~6 us a record)

@@ -17,6 +17,28 @@ class Shard:
     world_size: int = 1
 
 
+def records_per_rank(num_records: int, batch_size: int, shard: Shard, train: bool) -> int:
+    """What one epoch of a loader gives this rank: full batches when training, its share of every record else."""
+    if train:
+        return train_batches_per_rank(num_records, batch_size, shard) * batch_size
+    return len(eval_indices(num_records, shard))
+
+
+def rank_order(num_records: int, batch_size: int, shard: Shard, *, train: bool, order: str, seed: int,
+               epoch: int, quasi=None) -> np.ndarray:
+    """Record indices this rank reads in `epoch`, in order (a pure function of its arguments). Evaluation reads
+    file order; training the epoch's `order` (quasi_random needs `quasi`, an ffcv QuasiRandom)."""
+    if not train:
+        return eval_indices(num_records, shard)
+    if order == "quasi_random":
+        epoch_order = quasi_random_epoch_order(quasi, seed, epoch, batch_size)
+    elif order == "random":
+        epoch_order = random_epoch_order(num_records, seed, epoch)
+    else:
+        epoch_order = sequential_epoch_order(num_records)
+    return train_order(epoch_order, batch_size, shard)
+
+
 def train_batches_per_rank(num_records: int, batch_size: int, shard: Shard) -> int:
     """Every rank gets the same number of full batches; the remainder of the epoch's order is dropped."""
     return num_records // shard.world_size // batch_size

@@ -1,4 +1,5 @@
-"""`capfast caption`: one caption per image file, for any image PIL can read (size, mode, EXIF rotation)."""
+"""`capfast caption`: one caption per image file, for any image PIL can read (size, mode, EXIF rotation); a folder
+stands for the image files directly inside it."""
 
 import json
 import sys
@@ -12,6 +13,8 @@ from capfast.errors import CapfastError
 from capfast.eval.cli_options import generation_options
 from capfast.models.generate import GenerationOptions
 
+SHOWN_SKIPPED = 5
+
 
 def read_image(path: Path) -> torch.Tensor:
     """[3,H,W] uint8, upright RGB; raises CapfastError naming the file when it cannot be read."""
@@ -22,6 +25,36 @@ def read_image(path: Path) -> torch.Tensor:
     except BadImage as e:
         raise CapfastError(f"{path}: {e}") from None
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def image_suffixes() -> set[str]:
+    """File name suffixes of the formats PIL can open (.jpg, .png, .webp, ...), lower case."""
+    from PIL import Image
+
+    return {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
+
+
+def expand_folders(paths: list[Path]) -> tuple[list[Path], int]:
+    """(`paths` with each folder replaced by the image files directly inside it, sorted by name; the number of
+    folders without any). What else a folder holds (other files, subfolders) is skipped with a note; a folder
+    without images gets an error line."""
+    files, empty = [], 0
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        entries = sorted(path.iterdir())
+        images = [entry for entry in entries if entry.is_file() and entry.suffix.lower() in image_suffixes()]
+        skipped = [entry.name + ("/" if entry.is_dir() else "") for entry in entries if entry not in images]
+        if skipped:
+            shown = ", ".join(skipped[:SHOWN_SKIPPED]) + (", ..." if len(skipped) > SHOWN_SKIPPED else "")
+            click.echo(f"capfast: note: {path}: skipping {len(skipped)} entries that are not image files ({shown})",
+                       err=True)
+        if not images:
+            click.echo(f"capfast: error: {path} holds no image files", err=True)
+            empty += 1
+        files += images
+    return files, empty
 
 
 @torch.inference_mode()
@@ -45,15 +78,16 @@ def caption_images(model, vocab, images: list[torch.Tensor], *, generation: Gene
 @generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line: {file, caption}.")
 def command(images, checkpoint_path, beam_size, max_len, device, as_json):
-    """Caption IMAGES. A file that cannot be read gets an error line; the others are still captioned,
-    and the exit code is non-zero if any failed."""
+    """Caption IMAGES (files, or folders: their image files, sorted, not recursing). A file that cannot be read
+    gets an error line; the others are still captioned, and the exit code is non-zero if any failed."""
     from capfast.common.precision import resolve_device
     from capfast.models.load import load_model
 
+    files, failed = expand_folders(list(images))
     model, record = load_model(checkpoint_path, resolve_device(device))
     vocab = record.vocab
-    readable, tensors, failed = [], [], 0
-    for path in images:
+    readable, tensors = [], []
+    for path in files:
         try:
             tensors.append(read_image(path))
             readable.append(path)

@@ -24,8 +24,8 @@ from capfast.store.references import load_references
 class Report:
     metrics: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)          # image id -> generated caption
-    sample_images: list = field(default_factory=list)    # [3,H,W] float in [0,1], for TensorBoard
-    sample_captions: list = field(default_factory=list)
+    sample_captions: list = field(default_factory=list)  # the first few, for TensorBoard
+    sample_images: list = field(default_factory=list)    # their images, [3,H,W] float in [0,1] (none from a cache)
 
 
 @torch.inference_mode()
@@ -45,10 +45,11 @@ def generate_split(model, loader, vocab, *, generation: GenerationOptions, max_i
                 images, image_ids = images[:limit - len(report.results)], image_ids[:limit - len(report.results)]
             captions = caption_batch(model, images, vocab, generation, amp_dtype)
             report.results.update(zip(image_ids.tolist(), captions))
-            take = keep_samples - len(report.sample_images)
+            take = keep_samples - len(report.sample_captions)
             if take > 0:
-                report.sample_images += list(_denormalize(images[:take], loader.settings.normalization))
                 report.sample_captions += captions[:take]
+                if loader.yields_images:  # a feature cache's batches hold no image to show
+                    report.sample_images += list(_denormalize(images[:take], loader.settings.normalization))
             if limit is not None and len(report.results) >= limit:
                 break
     return report

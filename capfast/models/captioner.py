@@ -91,8 +91,22 @@ class Captioner(nn.Module):
     def set_encoder_trainable(self, flag: bool) -> None:
         self.encoder.set_trainable(flag)
 
+    def set_reads_trunk_features(self, flag: bool) -> None:
+        """True: encode() and forward() take the trunk's cached features [B, S, width] where they took images."""
+        self.encoder.reads_trunk_features = bool(flag)
+
+    def trunk_id(self):
+        """What names this model's trunk for a feature cache (capfast.store.feature_cache.TrunkId)."""
+        from capfast.models.encoder import trunk_fingerprint
+        from capfast.store.feature_cache import TrunkId
+
+        return TrunkId(encoder=self.cfg.encoder, weights=trunk_fingerprint(self.encoder.trunk),
+                       image_size=self.image_size, normalization=self.normalization.to_dict(),
+                       encoder_depth=self.cfg.encoder_depth, class_token=self.cfg.class_token)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> memory [B, S, D]"""
+        """images [B, 3, H, W] (or the trunk's cached features [B, S, width]: set_reads_trunk_features) ->
+        memory [B, S, D]"""
         return self.encoder(images)
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:

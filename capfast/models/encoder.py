@@ -1,5 +1,8 @@
 """Image encoder: a backbone (models/backbones.py) whose feature sequence [B, S, width] becomes the decoder's
-memory [B, S, d_model] through a projection and a LayerNorm (the encoder's head)."""
+memory [B, S, d_model] through a projection and a LayerNorm (the encoder's head). A frozen trunk's features can
+be computed once (`capfast features`) and read instead of images: set_reads_trunk_features(True)."""
+
+import hashlib
 
 import torch
 from torch import nn
@@ -32,6 +35,7 @@ class Encoder(nn.Module):
         self.proj = nn.Linear(backbone.width, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.trainable = True
+        self.reads_trunk_features = False  # forward() then takes the trunk's output [B, S, width], not images
 
     def set_trainable(self, flag: bool) -> None:
         """Frozen = trunk parameters get no gradients and the trunk runs in eval mode (BatchNorm statistics
@@ -52,7 +56,23 @@ class Encoder(nn.Module):
                     module.eval()  # normalize with the stored running statistics; they are never updated
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            features = self.trunk(images)  # [B, S, width]
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W], or the trunk's features [B, S, width] when it reads those -> memory [B, S, d_model]"""
+        features = inputs if self.reads_trunk_features else self.trunk_features(inputs)
         return self.norm(self.proj(features))
+
+    def trunk_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> the trunk's feature sequence [B, S, width] (what `capfast features` stores)."""
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self.trunk(images)
+
+
+def trunk_fingerprint(trunk: torch.nn.Module) -> str:
+    """sha256 of a trunk's parameters and buffers (names, dtypes, shapes, values): which weights made a feature
+    cache."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trunk.state_dict().items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

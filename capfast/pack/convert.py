@@ -2,9 +2,11 @@
 
 The output layout is defined in capfast/store/schema.py. One pass per split: worker processes turn each item into its
 stored values (capfast/pack/records.py: captions tokenized and encoded; the image decoded, validated, normalized,
-resized and JPEG-encoded), and this process appends them, in image-id order, to a beton that becomes visible only
-when complete (capfast/pack/beton_writer.py, capfast/common/io.py). So the output bytes do not depend on --workers, bad
-items never reach the beton, and nothing but the beton itself is written.
+resized and JPEG-encoded; the record's checksum), and this process appends them, in image-id order, to a beton that
+becomes visible only when complete (capfast/pack/beton_writer.py, capfast/common/io.py). So the output bytes do not
+depend on --workers, bad items never reach the beton, and nothing but the beton itself is written. A lock on OUT
+(capfast/common/lock.py) refuses a second convert into it while one runs. Captions cut to --max-len are counted,
+with the length that would keep 99 % of them whole.
 """
 
 import collections
@@ -19,6 +21,7 @@ import click
 
 from capfast.common import options
 from capfast.common.io import atomic_file, atomic_write_text, ensure_writable_dir
+from capfast.common.lock import RunLock
 from capfast.common.options import option
 from capfast.common.progress import track
 from capfast.common.runtime import prepare_process
@@ -33,6 +36,7 @@ from capfast.store.vocab import Vocab
 TRAIN = "train"
 SHOWN_PROBLEMS = 5
 CAPTIONS_PER_COUNT_JOB = 256
+WHOLE_CAPTIONS_PERCENT = 99  # the max_len suggested when captions are cut keeps this share of them whole
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,17 @@ def convert(out, split: str | None = None, *, annotations=None, images=None, kar
     workers = workers or default_workers()
     source = read_source(split, annotations, images, karpathy, folder, captions)
     warm_up()  # before any worker process is forked
-    out = Path(out)
+    out = ensure_writable_dir(Path(out))
+    with RunLock(out):  # before anything in OUT is read: two converts into it would each write, the last one winning
+        return convert_splits(out, source, vocab, settings, workers, overwrite, progress, karpathy is not None)
+
+
+def convert_splits(out: Path, source: Source, vocab_file, settings: Settings, workers: int, overwrite: bool,
+                   progress: bool, karpathy_mode: bool) -> dict:
     for name in source.items:
         if schema.beton_path(out, name).exists() and not overwrite:
             raise CapfastError(f"{schema.beton_path(out, name)} already exists (pass --overwrite to replace it)")
-    words, vocab_is_new = resolve_vocab(out, source, vocab, settings.min_count, karpathy is not None, workers)
-    ensure_writable_dir(out)
+    words, vocab_is_new = resolve_vocab(out, source, vocab_file, settings.min_count, karpathy_mode, workers)
     import ffcv.fields  # noqa: F401  (seconds of numba compilation; paid before the per-split timing starts)
 
     results = {}
@@ -181,14 +190,33 @@ def convert_split(out: Path, name: str, items: list[Item], source: Source, vocab
     copy_attributes(out, name, source, refs)
     elapsed = time.perf_counter() - started
     report(name, out, len(refs), problems, elapsed)
-    return split_meta(source, settings, vocab, refs, written.captions, written.truncated, problems, elapsed)
+    note_cut_captions(name, written, settings.max_len)
+    return split_meta(source, settings, vocab, refs, written.captions, written.cut(settings.max_len), problems,
+                      elapsed)
 
 
 @dataclass
 class Written:
     items: list[Item] = field(default_factory=list)  # in the beton, in its order
-    captions: int = 0  # caption rows stored
-    truncated: int = 0  # of those, captions cut to max_len tokens
+    lengths: collections.Counter = field(default_factory=collections.Counter)  # stored captions by tokens, uncut
+
+    @property
+    def captions(self) -> int:
+        """Caption rows stored."""
+        return sum(self.lengths.values())
+
+    def cut(self, max_len: int) -> int:
+        """Stored captions longer than max_len tokens: the beton holds their first max_len."""
+        return sum(count for length, count in self.lengths.items() if length > max_len)
+
+    def length_keeping(self, percent: int) -> int:
+        """The smallest max_len that would store `percent` % of the captions whole."""
+        kept = 0
+        for length in sorted(self.lengths):
+            kept += self.lengths[length]
+            if kept * 100 >= percent * self.captions:
+                return length
+        return 0
 
 
 def write_split_beton(beton: Path, items: list[Item], vocab: Vocab, settings: Settings, workers: int,
@@ -196,7 +224,7 @@ def write_split_beton(beton: Path, items: list[Item], vocab: Vocab, settings: Se
     """One pass: the workers' records are appended in item order; skipped items are added to `problems`."""
     record_settings = RecordSettings(settings.image_size, settings.keep_aspect, settings.quality,
                                      settings.captions_per_image, settings.max_len)
-    jobs = [(str(item.path), item.captions) for item in items]
+    jobs = [(str(item.path), item.captions, item.image_id) for item in items]
     written = Written()
     try:
         with (closing(ordered_map(encode_item, jobs, workers, init_worker, (record_settings, vocab))) as records,
@@ -205,10 +233,9 @@ def write_split_beton(beton: Path, items: list[Item], vocab: Vocab, settings: Se
             for item, record in track(zip(items, records), len(items), f"convert {beton.stem}", "img",
                                       enabled=progress):
                 if isinstance(record, Record):
-                    writer.append(record.values(item.image_id))
+                    writer.append(record.values())
                     written.items.append(item)
-                    written.captions += record.ncaptions
-                    written.truncated += record.truncated
+                    written.lengths.update(record.lengths)
                 else:
                     problems.append(Problem(record, item.image_id, item.path.name))
             if not written.items:
@@ -237,6 +264,17 @@ def report(name: str, out: Path, written: int, problems: list[Problem], elapsed:
             click.echo(f"  {describe(problem)}", err=True)
     click.echo(f"{name}: wrote {written} images to {schema.beton_path(out, name)} in {elapsed:.1f} s "
                f"({written / max(elapsed, 1e-9):.0f} img/s)", err=True)
+
+
+def note_cut_captions(name: str, written: Written, max_len: int) -> None:
+    cut = written.cut(max_len)
+    if not cut:
+        return
+    keeping = written.length_keeping(WHOLE_CAPTIONS_PERCENT)
+    hint = f"; --max-len {keeping} keeps {WHOLE_CAPTIONS_PERCENT} % whole" if keeping > max_len else ""
+    click.echo(f"capfast: note: split '{name}': {cut} of {written.captions} captions "
+               f"({100 * cut / written.captions:.1f} %) are longer than --max-len {max_len} tokens and were cut "
+               f"to it in the beton (refs keep them whole){hint}", err=True)
 
 
 def describe(problem: Problem) -> str:
@@ -284,7 +322,7 @@ def read_meta(out: Path) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
         raise CapfastError(f"{path} is not valid JSON; remove it and convert all splits again") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != schema.FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") not in schema.READABLE_FORMAT_VERSIONS:
         return {}  # an older layout: its splits must be converted again anyway
     return meta
 

@@ -1,15 +1,27 @@
-"""`capfast inspect FILE.beton`: what a beton written by `capfast convert` holds.
+"""`capfast inspect FILE.beton [--verify]`: what a beton written by `capfast convert` holds, and whether its
+records are still the bytes convert wrote.
 
 Reusable API:
-  check_beton(path) -> ffcv.reader.Reader   raises CapfastError unless `path` is a capfast beton
+  check_beton(path) -> ffcv.reader.Reader   raises CapfastError unless `path` is a whole capfast beton ("truncated"
+                                            when it is shorter than its header says)
   describe_beton(path) -> dict              records, fields, vocab size, caption/image statistics, examples
   BetonContents(path)                       random access to raw records without ffcv's Loader (no JIT)
   check_token_ids, check_jpeg_markers       every record's token ids in the vocabulary, every image a whole JPEG
+  verify_records(contents) -> Verification  every record against its checksum (schema.record_checksum), the file
+                                            mapped and read once, in blocks, by a thread per core
   data_fingerprint(path) -> dict            records, bytes and a hash: what a resumed run checks is unchanged
+
+Without --verify inspect reads the metadata, the allocation table and two bytes at each end of every JPEG, so it
+stays fast on any size; --verify reads every byte of every record.
 """
 
 import hashlib
 import json
+import mmap
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -21,11 +33,13 @@ from capfast.store import schema
 from capfast.store.vocab import Vocab
 
 EXPECTED_TYPES = {schema.IMAGE: "RGBImageField", schema.CAPTIONS: "NDArrayField",
-                  schema.NCAPTIONS: "IntField", schema.IMAGE_ID: "IntField"}
+                  schema.NCAPTIONS: "IntField", schema.IMAGE_ID: "IntField", schema.CHECKSUM: "IntField"}
+PAGED_FIELDS = (schema.IMAGE, schema.CAPTIONS)  # the fields stored in data pages: one allocation each per record
 INCOMPATIBLE = "written by an incompatible capfast convert version"
 STATS_CHUNK = 4096
 JPEG_START, JPEG_END = np.array([0xFF, 0xD8], np.uint8), np.array([0xFF, 0xD9], np.uint8)
 FINGERPRINT_BYTES = 1 << 20
+VERIFY_BLOCK_BYTES = 1 << 25  # verify_records hashes the records of this much of the file at a time, per thread
 
 
 def check_beton(path):
@@ -43,6 +57,7 @@ def check_beton(path):
     except Exception as e:  # ffcv raises assorted errors (KeyError, ValueError, numpy errors) on foreign files
         raise CapfastError(f"{path} is not a beton ({e.__class__.__name__}: {e})") from None
     check_fields(path, reader)
+    check_size(path, reader)
     check_meta(path)
     return reader
 
@@ -55,24 +70,43 @@ def check_header(path: Path) -> None:
         raise CapfastError(f"{path} is not a beton (file too small)")
     header = np.fromfile(path, dtype=HeaderType, count=1)[0]
     page_size, fields = int(header["page_size"]), int(header["num_fields"])
-    plausible = (page_size > 0 and page_size & (page_size - 1) == 0 and 0 < fields < 256
-                 and int(header["alloc_table_ptr"]) <= size)
-    if not plausible:
+    if not (page_size > 0 and page_size & (page_size - 1) == 0 and 0 < fields < 256):
         raise CapfastError(f"{path} is not a beton (bad header)")
     if int(header["version"]) != CURRENT_VERSION:
         raise CapfastError(f"{path} was written by an incompatible ffcv version "
                            f"(file format {int(header['version'])}, this ffcv reads {CURRENT_VERSION})")
+    if int(header["alloc_table_ptr"]) > size:  # its records, then its allocation table, lie past the end
+        raise truncated(path, size, f"at least {int(header['alloc_table_ptr'])}")
+
+
+def check_size(path: Path, reader) -> None:
+    """The file ends where its allocation table does: one entry per record and paged field."""
+    from ffcv.types import ALLOC_TABLE_TYPE
+
+    size = path.stat().st_size
+    expected = (int(reader.header["alloc_table_ptr"])
+                + int(reader.num_samples) * len(PAGED_FIELDS) * ALLOC_TABLE_TYPE.itemsize)
+    if size < expected:
+        raise truncated(path, size, str(expected))
+    if size > expected:
+        raise CapfastError(f"{path} has {size - expected} bytes past its end ({size} bytes, its header expects "
+                           f"{expected}): not a beton as capfast convert writes it")
+
+
+def truncated(path: Path, size: int, expected: str) -> CapfastError:
+    return CapfastError(f"{path} is truncated ({size} bytes, its header expects {expected}): copy it again")
 
 
 def check_fields(path: Path, reader) -> None:
+    """The fields of schema.FIELD_NAMES, or of RECORD_FIELDS (format 1, without checksums), of the right types."""
     names = list(reader.field_names)
-    for name in schema.FIELD_NAMES:
+    for name in schema.RECORD_FIELDS:
         if name not in names:
             raise CapfastError(f"{path} is not a capfast beton: missing field '{name}'")
-    if names != list(schema.FIELD_NAMES):
+    if names not in (list(schema.FIELD_NAMES), list(schema.RECORD_FIELDS)):
         raise CapfastError(f"{path} was {INCOMPATIBLE} (fields {names}, expected {list(schema.FIELD_NAMES)})")
-    for name, expected in EXPECTED_TYPES.items():
-        actual = type(reader.handlers[name]).__name__
+    for name in names:
+        actual, expected = type(reader.handlers[name]).__name__, EXPECTED_TYPES[name]
         if actual != expected:
             raise CapfastError(f"{path} was {INCOMPATIBLE} (field '{name}' is {actual}, expected {expected})")
     captions = reader.handlers[schema.CAPTIONS]
@@ -89,9 +123,9 @@ def check_meta(path: Path) -> None:
         version = json.loads(meta_path.read_text()).get("format_version")
     except (OSError, ValueError, AttributeError):
         raise CapfastError(f"{meta_path} is not valid JSON") from None
-    if version != schema.FORMAT_VERSION:
-        raise CapfastError(f"{path} was {INCOMPATIBLE} (format_version {version} in {meta_path}, "
-                           f"this capfast reads {schema.FORMAT_VERSION}); convert it again")
+    if version not in schema.READABLE_FORMAT_VERSIONS:
+        raise CapfastError(f"{path} was {INCOMPATIBLE} (format_version {version} in {meta_path}, this capfast reads "
+                           f"{' and '.join(map(str, schema.READABLE_FORMAT_VERSIONS))}); convert it again")
 
 
 class BetonContents:
@@ -107,6 +141,8 @@ class BetonContents:
         self.caption_ptrs = metadata[fields[schema.CAPTIONS]].astype(np.int64)
         self.ncaptions = metadata[fields[schema.NCAPTIONS]].astype(np.int64)
         self.image_ids = metadata[fields[schema.IMAGE_ID]].astype(np.int64)
+        # int64 [records], or None for a format 1 beton (no checksums)
+        self.checksums = metadata[fields[schema.CHECKSUM]].astype(np.int64) if schema.CHECKSUM in fields else None
         self.caption_shape = tuple(int(s) for s in self.reader.handlers[schema.CAPTIONS].shape)
         table = self.reader.alloc_table
         self.sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
@@ -114,13 +150,17 @@ class BetonContents:
     def __len__(self) -> int:
         return int(self.reader.num_samples)
 
+    @property
+    def caption_nbytes(self) -> int:
+        """Bytes of one record's caption rows."""
+        return int(np.prod(self.caption_shape)) * 4
+
     def captions(self, i: int) -> np.ndarray:
         """int32 [K, max_len+2] token ids of record i."""
         return self.captions_of(np.array([i]))[0]
 
     def captions_of(self, indices: np.ndarray) -> np.ndarray:
-        nbytes = int(np.prod(self.caption_shape)) * 4
-        offsets = self.caption_ptrs[indices][:, None] + np.arange(nbytes)
+        offsets = self.caption_ptrs[indices][:, None] + np.arange(self.caption_nbytes)
         return np.ascontiguousarray(self.data[offsets]).view(np.int32).reshape((len(indices),) + self.caption_shape)
 
     def image_bytes(self, i: int) -> bytes:
@@ -129,9 +169,10 @@ class BetonContents:
         return self.data[ptr:ptr + self.sizes[ptr]].tobytes()
 
     def image_nbytes(self) -> np.ndarray:
-        """int64 [records]: the stored JPEG size of every record, in bytes."""
+        """int64 [records]: the stored JPEG size of every record, in bytes; -1 where the record's metadata points
+        at no allocation (damaged)."""
         ptrs = self.image_meta["data_ptr"].astype(np.int64)
-        return np.array([self.sizes[p] for p in ptrs.tolist()], dtype=np.int64)
+        return np.array([self.sizes.get(p, -1) for p in ptrs.tolist()], dtype=np.int64)
 
     def image_size(self, i: int) -> tuple[int, int]:
         return int(self.image_meta["width"][i]), int(self.image_meta["height"][i])
@@ -176,15 +217,137 @@ def check_token_ids(contents: BetonContents, vocab_size: int) -> None:
 def check_jpeg_markers(contents: BetonContents) -> None:
     """Every stored image starts like a JPEG (SOI) and ends like one (EOI): cheap enough for every record, and it
     finds bytes zeroed or cut short. A JPEG damaged inside is an error when it is decoded."""
-    ptrs = contents.image_meta["data_ptr"].astype(np.int64)
     sizes = contents.image_nbytes()
+    whole = sizes >= 4  # a JPEG's markers, and a pointer the allocation table knows (so inside the file)
+    ptrs = np.where(whole, contents.image_meta["data_ptr"].astype(np.int64), 0)
+    ends = ptrs + np.where(whole, sizes, 2)
     heads = contents.data[ptrs[:, None] + np.arange(2)]
-    tails = contents.data[ptrs[:, None] + sizes[:, None] - 2 + np.arange(2)]
-    ok = (heads == JPEG_START).all(axis=1) & (tails == JPEG_END).all(axis=1) & (sizes >= 4)
+    tails = contents.data[ends[:, None] - 2 + np.arange(2)]
+    ok = (heads == JPEG_START).all(axis=1) & (tails == JPEG_END).all(axis=1) & whole
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
         raise CapfastError(f"{contents.path}: record {i} (image {int(contents.image_ids[i])}) is not a complete "
                            f"JPEG ({int(sizes[i])} bytes without its start or end marker); convert it again")
+
+
+# ---- checksums (--verify) ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verification:
+    records: int
+    nbytes: int  # record bytes read and hashed
+    seconds: float
+    threads: int
+    mismatched: np.ndarray  # indices of the records that do not match their checksum, ascending
+
+    def to_json(self) -> dict:
+        return {"records": self.records, "bytes": self.nbytes, "seconds": round(self.seconds, 3),
+                "threads": self.threads, "mismatched": len(self.mismatched)}
+
+
+class RecordLayout:
+    """Where each record's bytes lie and what its checksum covers, as int64 arrays in record order."""
+
+    def __init__(self, contents: BetonContents):
+        self.page_size = int(contents.reader.page_size)
+        self.image_ptr = contents.image_meta["data_ptr"].astype(np.int64)
+        self.image_size = contents.image_nbytes()
+        self.caption_ptr, self.caption_nbytes = contents.caption_ptrs, contents.caption_nbytes
+        self.values = np.stack([contents.image_meta["height"].astype(np.int64),
+                                contents.image_meta["width"].astype(np.int64), contents.ncaptions,
+                                contents.image_ids, contents.checksums], axis=1)
+        data_end = int(contents.reader.header["alloc_table_ptr"])
+        inside = ((self.image_size >= 0) & (self.image_ptr >= 0) & (self.image_ptr + self.image_size <= data_end)
+                  & (self.caption_ptr >= 0) & (self.caption_ptr + self.caption_nbytes <= data_end))
+        self.misplaced = np.flatnonzero(~inside)  # damaged metadata: no bytes to read, the record fails
+
+    def blocks(self, block_bytes: int) -> list[np.ndarray]:
+        """The readable records in file order, cut where a block of `block_bytes` (whole pages) begins."""
+        readable = np.setdiff1d(np.arange(len(self.image_ptr)), self.misplaced)
+        in_file_order = readable[np.argsort(self.image_ptr[readable], kind="stable")]
+        pages_per_block = max(1, block_bytes // self.page_size)
+        block = self.image_ptr[in_file_order] // self.page_size // pages_per_block
+        return [records for records in np.split(in_file_order, np.flatnonzero(np.diff(block)) + 1) if len(records)]
+
+    def span(self, records: np.ndarray) -> tuple[int, int]:
+        """The file range [start, end) that holds all of `records`' bytes."""
+        starts = np.minimum(self.image_ptr[records], self.caption_ptr[records])
+        ends = np.maximum(self.image_ptr[records] + self.image_size[records],
+                          self.caption_ptr[records] + self.caption_nbytes)
+        return int(starts.min()), int(ends.max())
+
+
+def block_mismatches(mapped: mmap.mmap, view: memoryview, layout: RecordLayout, records: np.ndarray,
+                     spans: list[tuple[int, int]]) -> list[int]:
+    """The records of one block whose bytes do not match their checksum, hashed straight from the mapped file.
+    `spans`: this block's and the next one's, which the kernel is asked to read ahead while this thread hashes."""
+    for start, end in spans:
+        read_ahead(mapped, start, end)
+    images = zip(layout.image_ptr[records].tolist(), layout.image_size[records].tolist())
+    jpegs = [view[image:image + size] for image, size in images]
+    captions = [view[row:row + layout.caption_nbytes] for row in layout.caption_ptr[records].tolist()]
+    return [int(records[i]) for i in record_mismatches(jpegs, captions, layout.values[records])]
+
+
+def read_ahead(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Asks the kernel to read [start, end) of the mapped file now, in the background, so that the disk works
+    while the thread hashes (tools/results/2026-12-07_records-verify_2vcpu.md)."""
+    if hasattr(mapped, "madvise"):
+        aligned = start - start % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+
+
+def record_mismatches(jpegs: list, captions, values: np.ndarray) -> list[int]:
+    """Positions i where schema.record_checksum(jpegs[i], captions[i], *values[i, :4]) differs from values[i, 4];
+    values: int64 [n, 5] of height, width, ncaptions, image_id and the stored checksum."""
+    return [i for i, (jpeg, rows, (height, width, ncaptions, image_id, stored))
+            in enumerate(zip(jpegs, captions, values.tolist()))
+            if schema.record_checksum(jpeg, rows, height, width, ncaptions, image_id) != stored]
+
+
+def verify_records(contents: BetonContents, threads: int | None = None) -> Verification:
+    """Every record of a beton with checksums against them: the file is read once, in file order, a block of
+    VERIFY_BLOCK_BYTES per thread at a time (`threads`: default one per core); zlib.crc32 hashes without the GIL."""
+    if contents.checksums is None:
+        raise ValueError(f"{contents.path} has no record checksums")
+    layout = RecordLayout(contents)
+    blocks = layout.blocks(VERIFY_BLOCK_BYTES)
+    spans = [layout.span(records) for records in blocks]
+    threads = threads or len(os.sched_getaffinity(0))
+    started = time.perf_counter()
+    with (open(contents.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+          memoryview(mapped) as view, ThreadPoolExecutor(threads, thread_name_prefix="capfast-verify") as pool):
+        found = list(pool.map(lambda n: block_mismatches(mapped, view, layout, blocks[n], spans[n:n + 2]),
+                              range(len(blocks))))
+    seconds = time.perf_counter() - started
+    mismatched = np.unique(np.concatenate([layout.misplaced, *map(np.asarray, found)]).astype(np.int64))
+    nbytes = int(layout.image_size[layout.image_size > 0].sum()) + len(contents) * layout.caption_nbytes
+    return Verification(len(contents), nbytes, seconds, threads, mismatched)
+
+
+def verify_beton(path) -> Verification | None:
+    """verify_records of `path`; a one-line CapfastError naming the first record that fails and counting the
+    others. None, with a warning, for a format 1 beton: it has no checksums, so only its structure was checked."""
+    contents = BetonContents(path)
+    if contents.checksums is None:
+        click.echo(f"capfast: warning: {contents.path} has no record checksums (converted before capfast stored "
+                   f"them): only its structure was checked, not its records; convert it again to verify them",
+                   err=True)
+        return None
+    verification = verify_records(contents)
+    if len(verification.mismatched):
+        first, others = int(verification.mismatched[0]), len(verification.mismatched) - 1
+        more = f"{others} more of its {len(contents)} records" if others else None
+        raise mismatch_error(contents.path, first, int(contents.image_ids[first]), more)
+    return verification
+
+
+def mismatch_error(path, record: int, image_id: int, more: str | None = None) -> CapfastError:
+    """The one-line error for a record whose bytes no longer match its checksum (`more`: which others fail too)."""
+    also = f", and so do {more}" if more else ""
+    return CapfastError(f"{path}: record {record} (image {image_id}) does not match its checksum{also}: the file "
+                        f"changed after `capfast convert` wrote it (a damaged copy or disk); copy it again or convert "
+                        f"the split again")
 
 
 def data_fingerprint(path) -> dict:
@@ -215,6 +378,7 @@ def describe_beton(path, examples: int = 3) -> dict:
         "path": str(path),
         "records": len(contents),
         "fields": {name: type(handler).__name__ for name, handler in contents.reader.handlers.items()},
+        "checksums": contents.checksums is not None,
         "captions_per_image": k,
         "max_len": row_len - 2,
         "vocab_size": len(vocab) if vocab else None,
@@ -248,7 +412,14 @@ def format_text(info: dict) -> str:
         f"tokens per caption: {span(info['caption_tokens'])}",
         f"image width: {span(info['image_width'])}, height: {span(info['image_height'])}",
         f"stored JPEG bytes: {span(info['jpeg_bytes'])}",
+        "record checksums: " + ("yes (`capfast inspect --verify` checks them)" if info["checksums"] else
+                                "none (converted before capfast stored them)"),
     ]
+    if info.get("verified"):
+        v = info["verified"]
+        lines.append(f"verified: all {v['records']} records match their checksums ({v['bytes'] / 1e6:.1f} MB in "
+                     f"{v['seconds']:.2f} s, {v['bytes'] / 1e6 / max(v['seconds'], 1e-9):.0f} MB/s, "
+                     f"{v['threads']} threads)")
     for ex in info["examples"]:
         lines.append(f"record {ex['record']} (image {ex['image_id']}, {ex['size'][0]}x{ex['size'][1]}):")
         lines += [f"  {text}" for text in ex["captions"]]
@@ -258,7 +429,13 @@ def format_text(info: dict) -> str:
 @click.command()
 @click.argument("beton", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def command(beton, as_json):
+@click.option("--verify", is_flag=True,
+              help="Also check every record against its checksum (reads the whole file, a thread per core); fails "
+                   "naming the first record that does not match.")
+def command(beton, as_json, verify):
     """Summarize FILE.beton written by `capfast convert`: records, fields, vocabulary, lengths, sizes."""
     info = describe_beton(beton)
+    if verify:
+        verification = verify_beton(beton)
+        info["verified"] = verification.to_json() if verification else None
     click.echo(json.dumps(info) if as_json else format_text(info))

@@ -14,6 +14,7 @@ from capfast.data.options import LoaderOptions
 from capfast.errors import CapfastError
 from capfast.models import ModelConfig
 from capfast.models.generate import GenerationOptions
+from capfast.store.feature_cache import name_problem
 from capfast.store.schema import split_name_problem
 
 OBJECTIVES = ("xe", "scst")
@@ -26,6 +27,8 @@ class DataConfig(LoaderOptions):
 
     train_split: str = option("train", check=split_name_problem)
     val_split: str = option("val", check=split_name_problem)
+    # a feature cache of `capfast features` in DATA/features/NAME: read instead of images (a frozen trunk only)
+    features: str = option("", check=name_problem)
 
 
 @dataclass
@@ -144,6 +147,8 @@ def _parse_override(item: str) -> tuple[str, object]:
 
 def check_consistency(cfg: TrainConfig) -> None:
     """Rules between keys, checked once the model config is final (init_from may replace it)."""
+    if cfg.data.features:
+        check_cached_trunk(cfg)
     scst = cfg.scst
     if cfg.objective != "scst":
         return
@@ -153,6 +158,21 @@ def check_consistency(cfg: TrainConfig) -> None:
     if scst.max_len >= cfg.model.max_positions:
         raise CapfastError(f"scst.max_len must be below model.max_positions = {cfg.model.max_positions}, "
                            f"got {scst.max_len}")
+
+
+def check_cached_trunk(cfg: TrainConfig) -> None:
+    """A feature cache holds a frozen trunk's output for one view of each image: nothing before the trunk may
+    change per step."""
+    if cfg.encoder_trainable_from_epoch >= 0:
+        raise CapfastError(f"data.features reads a frozen trunk's cached output, but encoder_trainable_from_epoch="
+                           f"{cfg.encoder_trainable_from_epoch} would train the trunk; keep it at -1 (to fine-tune "
+                           f"the trunk, start a run from images with init_from= this run's checkpoint)")
+    if cfg.data.color_jitter > 0:
+        raise CapfastError("data.color_jitter applies to images before the trunk; a feature cache has none "
+                           "(set data.color_jitter=0, or train from images)")
+    if cfg.data.verify:
+        raise CapfastError("data.verify checks the records a run decodes; from a feature cache it decodes none "
+                           "(check the betons once with `capfast inspect --verify` instead)")
 
 
 def _build(values: dict) -> TrainConfig:

@@ -122,8 +122,9 @@ class Reporter:
         """A few validation images with their generated captions, for eyeballing progress."""
         if not self.enabled:
             return
-        for i, (image, caption) in enumerate(zip(images, captions)):
-            self.writer.add_image(f"val/image_{i}", image, step)
+        for i, caption in enumerate(captions):
+            if i < len(images):  # training from a feature cache shows captions only
+                self.writer.add_image(f"val/image_{i}", images[i], step)
             self.writer.add_text(f"val/caption_{i}", caption, step)
 
     def write(self, message: str) -> None:

@@ -5,14 +5,14 @@ the same model. Keys that would change what the checkpoint's position (epoch, ba
 refused. The keys listed as applied are applied, and the change is recorded (checkpoint, config.json) and printed:
 
   refused  model.* (architecture, BatchNorm mode), objective, scst.* (the sampler's draws), data.train_split,
-           data.image_size, data.batch_size, data.order, data.crop_scale, data.crop_ratio, data.color_jitter, seed,
-           optim.grad_accum, precision, encoder_trainable_from_epoch
+           data.image_size, data.batch_size, data.order, data.crop_scale, data.crop_ratio, data.color_jitter,
+           data.features, seed, optim.grad_accum, precision, encoder_trainable_from_epoch
   applied  epochs and max_steps (the cosine schedule is stretched from the current step on), optimizer settings
            (lr, encoder_lr, weight_decay, betas, warmup, clipping, label smoothing: set on the restored optimizer),
-           eval.* (eval.patience too: last.pt counts the validations since the best), data.val_split,
-           data.workers, data.os_cache, data.prefetch, logging, progress_seconds, checkpoint_every, compile,
-           channels_last, device, keep_last, stop_signals, dist_timeout_s,
-           nonfinite_skips, init_from (only read when a run starts)
+           eval.* (eval.patience too: validations.json counts the validations since the best), data.val_split,
+           data.workers, data.os_cache, data.prefetch, data.verify (it only checks what is read), logging,
+           progress_seconds, checkpoint_every, compile, channels_last, device, keep_last, stop_signals,
+           dist_timeout_s, nonfinite_skips, init_from (only read when a run starts)
 
 Every config key is in exactly one of the two lists (tests/test_config.py checks it); a key in neither is refused,
 so a new key is safe to resume across only once someone has said so here.
@@ -33,12 +33,14 @@ from capfast.train.state import TrainState
 
 FIXED_PREFIXES = ("model.", "scst.")
 FIXED_KEYS = ("data.train_split", "data.image_size", "data.batch_size", "data.order", "data.crop_scale",
-              "data.crop_ratio", "data.color_jitter", "seed", "optim.grad_accum", "precision",
+              "data.crop_ratio", "data.color_jitter", "data.features", "seed", "optim.grad_accum", "precision",
               "encoder_trainable_from_epoch", "objective")
 SAFE_PREFIXES = ("eval.",)
 SAFE_KEYS = ("epochs", "max_steps", "optim.lr", "optim.encoder_lr", "optim.weight_decay", "optim.betas",
              "optim.warmup_steps", "optim.min_lr_ratio", "optim.grad_clip", "optim.label_smoothing",
-             "data.val_split", "data.workers", "data.os_cache", "data.prefetch", "log_every", "progress_seconds",
+             "data.val_split", "data.workers", "data.os_cache", "data.prefetch",
+             "data.verify",  # checks the records read against their checksums; reads and yields the same batches
+             "log_every", "progress_seconds",
              "checkpoint_every", "compile", "channels_last", "device", "keep_last", "stop_signals",
              "dist_timeout_s", "nonfinite_skips",
              "init_from")  # read only when a run starts; a resumed run's weights come from last.pt

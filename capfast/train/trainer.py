@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capfast.common import distributed
 from capfast.common.precision import autocast_context, resolve_precision
-from capfast.data import build_loader
+from capfast.data import build_feature_loader, build_loader
 from capfast.errors import CapfastError
 from capfast.models import build_captioner
 from capfast.models.record import ModelRecord
@@ -68,6 +68,7 @@ class Trainer:
         self.validation, self.saved_step = Validation(self.cfg, self.data_dir, self.run_dir, self.dist,
                                                       self._make_loader), None
         self.config_changes = self._restore(saved, path) if resume else {}
+        self._check_feature_cache()
         self._build_watches()
 
     # ---- set-up --------------------------------------------------------------------------------------
@@ -119,6 +120,7 @@ class Trainer:
             self.model.load_state_dict(weights)
         if self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.set_reads_trunk_features(bool(self.cfg.data.features))
         self.scst = scst.build(self.cfg, self.data_dir, self.vocab, self.dist, self.amp_dtype)  # None for "xe"
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -152,11 +154,22 @@ class Trainer:
         self.stopped = False
 
     def _make_loader(self, split: str, train: bool):
-        beton = schema.beton_path(self.data_dir, split)
-        return build_loader(
-            beton, self.cfg.data, train=train, device=self.device, dtype=self.amp_dtype or torch.float32,
-            seed=self.cfg.seed, distributed=self.dist.enabled, normalization=self.model.normalization,
-            vocab_size=len(self.vocab))
+        """The split's batches: images from its beton, or its features from the cache data.features names."""
+        common = {"train": train, "device": self.device, "dtype": self.amp_dtype or torch.float32,
+                  "seed": self.cfg.seed, "distributed": self.dist.enabled, "vocab_size": len(self.vocab)}
+        if self.cfg.data.features:
+            return build_feature_loader(self.data_dir, self.cfg.data.features, split, self.cfg.data, **common)
+        return build_loader(schema.beton_path(self.data_dir, split), self.cfg.data,
+                            normalization=self.model.normalization, **common)
+
+    def _check_feature_cache(self) -> None:
+        """A feature cache must come from this model's trunk (its weights as the run starts or resumes) and hold
+        the validation split too: checked before the first step, not at the first validation."""
+        if not self.cfg.data.features:
+            return
+        self.train_loader.cache.check_trunk(self.model.trunk_id(), "this run")
+        if self.cfg.eval.every_epochs:
+            self.validation.loader = self._make_loader(self.cfg.data.val_split, train=False)
 
     def _set_encoder_trainable(self, epoch: int) -> None:
         """Freezes or unfreezes the encoder for this epoch; (re)wraps DDP/compile when that changes."""
