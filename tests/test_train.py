@@ -3,6 +3,7 @@
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -235,9 +236,11 @@ def test_existing_run_needs_resume(converted, tmp_path, capfast_cli):
 def test_nproc_launches_ddp_processes(converted, tmp_path, tb_scalars, capfast_cli, monkeypatch):
     """`capfast train --nproc 2`, called in this process: it launches torchrun, whose 2 ranks train together."""
     monkeypatch.chdir(ROOT)  # the ranks run `python -m capfast`: this checkout's
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     result = capfast_cli("train", "--config", ROOT / "configs/cpu_smoke.toml", "--data", converted,
                          "--out", tmp_path / "run", "--nproc", "2", *SHALLOW, "epochs=1")
     assert result.code == 0, result.stderr  # the ranks' own output: pytest's captured stdout and stderr
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # torchrun's agent ran in this process
     assert (tmp_path / "run" / "last.pt").is_file()
     scalars = tb_scalars(tmp_path / "run")
     assert sorted(scalars["train/loss"]) == [1, 2, 3, 4]  # global batch 8: 4 steps

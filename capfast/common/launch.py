@@ -63,13 +63,18 @@ def outcome(failures: dict) -> int:
 @contextlib.contextmanager
 def _passed_to_ranks(signals):
     """While the block runs, each of `signals` sent to this process goes on to the ranks (its children) as
-    SIGTERM; they stop after the same step, save and exit 75."""
-    previous = {sig: signal.signal(sig, _terminate_children) for sig in signals}
+    SIGTERM; they stop after the same step, save and exit 75. On leaving, the handlers the agent installed for
+    its own signals are taken back too (launch may run inside another program: the tests)."""
+    agent_signals = [signal.Signals[name] for name in AGENT_SIGNALS]
+    previous = {sig: signal.getsignal(sig) for sig in {*signals, *agent_signals}}
+    for sig in signals:
+        signal.signal(sig, _terminate_children)
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(sig, handler)
 
 
 def _terminate_children(signum, frame) -> None:
