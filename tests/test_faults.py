@@ -179,7 +179,9 @@ def test_the_launcher_exits_with_the_first_failure_and_names_a_rank_killed_by_a_
     assert capsys.readouterr().err == "capfast: error: rank 1 (pid 101) was killed by SIGKILL\n"
 
 
-def test_a_stalled_rank_ends_the_job_naming_it(converted, tmp_path, free_port):
+def test_a_stalled_rank_ends_the_job_naming_it_in_one_line(converted, tmp_path, free_port):
+    """Rank 1 stops answering (SIGSTOP): rank 0's stall watch ends the job (exit 4) in one line naming it and its
+    node, well before the process group's own timeout (dist_timeout_s + 60 s) would end it without a name."""
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
                 "--master_addr=127.0.0.1", "-m", "capfast")
     run = train_run(converted, tmp_path / "run", *LONG, "dist_timeout_s=8", launcher=torchrun)
@@ -187,14 +189,17 @@ def test_a_stalled_rank_ends_the_job_naming_it(converted, tmp_path, free_port):
     ranks = [p for p in psutil.Process(run.process.pid).children(recursive=True) if "train" in p.cmdline()]
     rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
     rank1.suspend()  # SIGSTOP: the process is there, and answers nothing
-    began, named = time.monotonic(), re.compile(r"rank 0: no training step completed for 8 s .*not responding .*rank 1")
+    began = time.monotonic()
+    named = re.compile(r"capfast: error: rank 0: no training step completed for 8 s .*not responding .*rank 1 on "
+                       r"node 0 ")
     try:
         while not named.search(run.stderr):
-            assert time.monotonic() - began < 8 + 20, run.stderr  # the timeout and a poll, on 2 busy cores
+            assert time.monotonic() - began < 300, run.stderr  # a hang
             time.sleep(0.2)
     finally:
         rank1.resume()  # SIGCONT, rather than wait out torchrun's 30 s before it kills a stopped process
-    assert run.wait(timeout=120) == 4 or "exitcode  : 4" in run.stderr, run.stderr
+    assert run.wait(timeout=120) == 1 and "exitcode  : 4" in run.stderr, run.stderr  # torchrun's code; rank 0's
+    assert len([line for line in run.errors if line.startswith("capfast: error:")]) == 1, run.stderr
 
 
 # ---- a diverging run --------------------------------------------------------------------------------------
@@ -331,6 +336,16 @@ def test_training_data_replaced_under_resume_is_refused(one_epoch, converted, tm
     assert_clean_error(result, "the training data changed", "records 32 -> 12")
 
 
+def test_a_refusal_every_rank_meets_is_one_line_under_nproc(one_epoch, converted, tmp_path):
+    """Both ranks of `--nproc 2` refuse the resume; the refusal is printed once (once per node: both ranks are on
+    this one) and is what the launcher exits with."""
+    out = copy_run(one_epoch, tmp_path)
+    run = train_run(converted, out, *TINY, "epochs=2", "seed=7", flags=["--resume", "--nproc", "2"])
+    assert run.wait(timeout=240) == 2, run.stderr
+    assert run.errors == [f"capfast: error: cannot resume from {out / 'last.pt'}: seed 0 -> 7 would not continue the "
+                          f"run exactly (keep the checkpoint's values, or start a new run with --out)"], run.stderr
+
+
 def test_stale_temporary_files_of_killed_saves_are_removed_at_start(one_epoch, converted, tmp_path, capfast_cli):
     out = copy_run(one_epoch, tmp_path)
     stale = [out / ".last.pt.link.tmp", out / "checkpoints" / ".step-00000005.pt.k2j4x_9a.tmp"]
@@ -375,20 +390,24 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(converted,
     assert result.code == 0, result.stderr
 
 
-def test_an_unwritable_out_is_one_line_before_any_work(converted, tmp_path, capfast_cli):
+def test_an_unwritable_out_is_one_line_before_any_work(converted, tmp_path, capfast_cli, monkeypatch):
+    from capfast.train import trainer
+
+    built = []  # a Trainer built: the model, the loader and ffcv's compile were under way
+    monkeypatch.setattr(trainer, "Trainer", lambda *args, **kwargs: built.append(args))
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert_clean_error(capfast_cli("train", "--config", CONFIG, "--data", converted, "--out", blocker / "run"),
                        "cannot create --out")
+    assert built == []
     readonly = tmp_path / "ro"
     readonly.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", readonly], capture_output=True).returncode:
         pytest.skip("cannot mount a read-only tmpfs here")
     try:
-        started = time.monotonic()
         result = capfast_cli("train", "--config", CONFIG, "--data", converted, "--out", readonly, *TINY)
         assert_clean_error(result, "--out", "is not writable: Read-only file system")
-        assert time.monotonic() - started < 2  # before the model, the loader or ffcv
+        assert built == []
     finally:
         subprocess.run(["umount", readonly])
 
