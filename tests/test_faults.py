@@ -336,16 +336,6 @@ def test_training_data_replaced_under_resume_is_refused(one_epoch, converted, tm
     assert_clean_error(result, "the training data changed", "records 32 -> 12")
 
 
-def test_a_refusal_every_rank_meets_is_one_line_under_nproc(one_epoch, converted, tmp_path):
-    """Both ranks of `--nproc 2` refuse the resume; the refusal is printed once (once per node: both ranks are on
-    this one) and is what the launcher exits with."""
-    out = copy_run(one_epoch, tmp_path)
-    run = train_run(converted, out, *TINY, "epochs=2", "seed=7", flags=["--resume", "--nproc", "2"])
-    assert run.wait(timeout=240) == 2, run.stderr
-    assert run.errors == [f"capfast: error: cannot resume from {out / 'last.pt'}: seed 0 -> 7 would not continue the "
-                          f"run exactly (keep the checkpoint's values, or start a new run with --out)"], run.stderr
-
-
 def test_stale_temporary_files_of_killed_saves_are_removed_at_start(one_epoch, converted, tmp_path, capfast_cli):
     out = copy_run(one_epoch, tmp_path)
     stale = [out / ".last.pt.link.tmp", out / "checkpoints" / ".step-00000005.pt.k2j4x_9a.tmp"]
@@ -437,6 +427,16 @@ def test_validation_asked_for_needs_its_split_at_start(converted, tmp_path, capf
                          "eval.every_epochs=1", "data.val_split=vall")
     assert_clean_error(result, "data.val_split", "vall.beton not found", "eval.every_epochs=0")
     assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_a_refusal_every_rank_meets_is_one_line_under_nproc(converted, tmp_path):
+    """Both ranks of `--nproc 2` refuse a missing validation split, after joining the process group; the refusal
+    is printed once (once per node: both ranks are on this one) and is what the launcher exits with."""
+    run = train_run(converted, tmp_path / "r", *TINY, "eval.every_epochs=1", "data.val_split=vall",
+                    flags=["--nproc", "2"])
+    assert run.wait(timeout=240) == 2, run.stderr
+    assert len(run.errors) == 1 and run.errors[0].startswith("capfast: error: data.val_split:"), run.stderr
+    assert "vall.beton not found" in run.errors[0]
 
 
 def test_the_epoch_is_saved_before_its_validation(converted, tmp_path, capfast_cli):
