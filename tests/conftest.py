@@ -83,8 +83,8 @@ def pytest_configure(config):
 # each goes to one worker as a whole, so that the fixture is built once rather than on every worker; every other
 # test is sent on its own. (--dist loadgroup would do it with marks, but lost its grouping with pytest 9.2:
 # pytest-dev/pytest-xdist#1386.)
-ONE_WORKER_MODULES = {"test_decoding.py", "test_encoders.py", "test_eval.py", "test_metrics.py", "test_reporter.py",
-                      "test_run_state.py", "test_scst.py"}
+ONE_WORKER_MODULES = {"test_decoding.py", "test_encoders.py", "test_eval.py", "test_features.py", "test_metrics.py",
+                      "test_reporter.py", "test_run_state.py", "test_scst.py"}
 
 
 class ModulesOnOneWorker:

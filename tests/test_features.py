@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 from test_faults import Run, assert_clean_error
-from test_train import DDP_SCRIPT, TINY
+from test_train import DDP_SCRIPT, SHALLOW
 
 from capfast.models import checkpoint
 from capfast.store.feature_cache import FeatureCache, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "cpu_smoke.toml"
-FROZEN = [o for o in TINY if not o.startswith("encoder_trainable_from_epoch")] + ["encoder_trainable_from_epoch=-1"]
+FROZEN = [o for o in SHALLOW if not o.startswith("encoder_trainable_from_epoch")] + ["encoder_trainable_from_epoch=-1"]
 
 
 def features_argv(data, name, source, *more):
@@ -92,7 +92,7 @@ def test_two_gloo_processes_from_the_cache_give_one_process_s_gradients(cached, 
     script.write_text(DDP_SCRIPT)
     (tmp_path / "two").mkdir()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={free_port}", "--master_addr=127.0.0.1", script, CONFIG, data,
+                             f"--master_port={free_port}", "--master_addr=127.0.0.1", script, ROOT, data,
                              tmp_path / "two", *overrides], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(tmp_path / "two" / "step1.pt")

@@ -93,16 +93,7 @@ def read_img_s(trainer, batches: int) -> float:
 
 def epoch_seconds(trainer) -> float:
     """One epoch of optimizer steps over the real loader, after one untimed step."""
-    trainer._set_encoder_trainable(0)
-    steps = trainer.steps_per_epoch
-    with contextlib.closing(iter(_endless_epochs(trainer.train_loader))) as batches:
-        trainer._optimizer_step([next(batches)])
-        _synchronize(trainer.device)
-        began = time.perf_counter()
-        for _ in range(steps):
-            trainer._optimizer_step([next(batches)])
-        _synchronize(trainer.device)
-    return time.perf_counter() - began
+    return trainer.steps_per_epoch / steps_per_sec(trainer, trainer.steps_per_epoch, warmup=1)
 
 
 def measure(recipe: str, data_dir: Path, batch_size: int, steps: int, warmup: int, rounds: int,

@@ -18,7 +18,7 @@ import torch
 
 from capfast.data import order as orders
 from capfast.data.checks import shard as current_shard
-from capfast.data.loader import Batch
+from capfast.data.loader import Batch, hand_over
 from capfast.data.options import KEY_PREFIX, LoaderOptions
 from capfast.data.producer import EpochBatches, Producer
 from capfast.errors import CapfastError
@@ -149,13 +149,7 @@ class FeatureLoader:
         return tensor.pin_memory().to(self.settings.device, non_blocking=True)
 
     def _hand_over(self, batch: Batch, ready) -> Batch:
-        if ready is None:
-            return batch
-        consumer = torch.cuda.current_stream(self.settings.device)
-        consumer.wait_event(ready)
-        for tensor in batch.tensors():
-            tensor.record_stream(consumer)
-        return batch
+        return hand_over(batch, ready, self.settings.device)
 
     def _device_context(self):
         return torch.cuda.device(self.settings.device) if self._stream is not None else contextlib.nullcontext()

@@ -48,6 +48,18 @@ class Batch:
         return [getattr(self, f.name) for f in fields(self)]
 
 
+def hand_over(batch: Batch, ready, device) -> Batch:
+    """In the consumer's thread: its stream waits for the batch's work, `ready` (an event; None: nothing to wait
+    for), with no host block."""
+    if ready is None:
+        return batch
+    consumer = torch.cuda.current_stream(device)
+    consumer.wait_event(ready)
+    for tensor in batch.tensors():
+        tensor.record_stream(consumer)  # the allocator must not recycle it while the consumer still reads it
+    return batch
+
+
 @dataclass(frozen=True)
 class LoaderSettings:
     """What one rank's loader does: the user's LoaderOptions resolved for this rank and run."""
@@ -201,14 +213,7 @@ class CaptionLoader:
         return {decoder: memory_for}
 
     def _hand_over(self, batch: Batch, ready) -> Batch:
-        """In the consumer's thread: its stream waits for the batch's work (no host block)."""
-        if ready is None:
-            return batch
-        consumer = torch.cuda.current_stream(self.settings.device)
-        consumer.wait_event(ready)
-        for tensor in batch.tensors():
-            tensor.record_stream(consumer)  # the allocator must not recycle it while the consumer still reads it
-        return batch
+        return hand_over(batch, ready, self.settings.device)
 
     # ---- one batch ------------------------------------------------------------------------------------
 
