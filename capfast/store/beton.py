@@ -277,16 +277,18 @@ class RecordLayout:
         return int(starts.min()), int(ends.max())
 
 
-def block_mismatches(mapped: mmap.mmap, view: memoryview, layout: RecordLayout, records: np.ndarray,
+def block_mismatches(mapped: mmap.mmap, data: np.ndarray, layout: RecordLayout, records: np.ndarray,
                      spans: list[tuple[int, int]]) -> list[int]:
-    """The records of one block whose bytes do not match their checksum, hashed straight from the mapped file.
-    `spans`: this block's and the next one's, which the kernel is asked to read ahead while this thread hashes."""
+    """The records of one block whose bytes do not match their checksum, hashed straight from the mapped file
+    (`data`: it as uint8). `spans`: this block's and the next one's, which the kernel is asked to read ahead while
+    this thread hashes."""
+    from capfast.store.record_crc import mismatches
+
     for start, end in spans:
         read_ahead(mapped, start, end)
-    images = zip(layout.image_ptr[records].tolist(), layout.image_size[records].tolist())
-    jpegs = [view[image:image + size] for image, size in images]
-    captions = [view[row:row + layout.caption_nbytes] for row in layout.caption_ptr[records].tolist()]
-    return [int(records[i]) for i in record_mismatches(jpegs, captions, layout.values[records])]
+    bad = mismatches(data, layout.image_ptr[records], layout.image_size[records], layout.caption_ptr[records],
+                     layout.caption_nbytes, layout.values[records])
+    return records[bad].tolist()
 
 
 def read_ahead(mapped: mmap.mmap, start: int, end: int) -> None:
@@ -316,13 +318,20 @@ def verify_records(contents: BetonContents, threads: int | None = None) -> Verif
     threads = threads or len(os.sched_getaffinity(0))
     started = time.perf_counter()
     with (open(contents.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
-          memoryview(mapped) as view, ThreadPoolExecutor(threads, thread_name_prefix="capfast-verify") as pool):
-        found = list(pool.map(lambda n: block_mismatches(mapped, view, layout, blocks[n], spans[n:n + 2]),
-                              range(len(blocks))))
+          ThreadPoolExecutor(threads, thread_name_prefix="capfast-verify") as pool):
+        found = _blocks_mismatches(pool, mapped, layout, blocks, spans)
     seconds = time.perf_counter() - started
     mismatched = np.unique(np.concatenate([layout.misplaced, *map(np.asarray, found)]).astype(np.int64))
     nbytes = int(layout.image_size[layout.image_size > 0].sum()) + len(contents) * layout.caption_nbytes
     return Verification(len(contents), nbytes, seconds, threads, mismatched)
+
+
+def _blocks_mismatches(pool, mapped: mmap.mmap, layout: RecordLayout, blocks: list, spans: list) -> list[list[int]]:
+    """block_mismatches of every block on `pool`. Its array over the map is gone on return: the map cannot close
+    while an array exports it."""
+    data = np.frombuffer(mapped, np.uint8)
+    return list(pool.map(lambda n: block_mismatches(mapped, data, layout, blocks[n], spans[n:n + 2]),
+                         range(len(blocks))))
 
 
 def verify_beton(path) -> Verification | None:
