@@ -14,7 +14,7 @@ _crc32.restype = ctypes.c_ulong
 _crc32.argtypes = (ctypes.c_ulong, ctypes.c_void_p, ctypes.c_uint)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)  # not cached: numba cannot cache a function that calls through a ctypes pointer
 def mismatches(data, image_ptr, image_size, caption_ptr, caption_nbytes, values):
     """Positions i (ascending) whose checksum, as schema.record_checksum computes it from the image bytes
     data[image_ptr[i]:][:image_size[i]], the caption rows data[caption_ptr[i]:][:caption_nbytes] and values[i, :4],
