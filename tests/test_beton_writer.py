@@ -10,6 +10,7 @@ from capfast.pack.beton_writer import MIN_PAGE_SIZE, BetonWriter, jpeg_field_cla
 from capfast.pack.pool import ordered_map
 from capfast.store import schema
 from capfast.store.beton import BetonContents
+from capfast.store.verify import verify_records
 
 
 def fields():
@@ -49,18 +50,18 @@ def test_records_fill_whole_pages_in_order_and_ffcv_reads_them(tmp_path):
 
 
 def test_verify_reads_every_page_on_threads_and_names_each_damaged_record(tmp_path, monkeypatch):
-    from capfast.store import beton
+    from capfast.store import verify
 
     sizes = [600_000 + i for i in range(7)]  # three pages: with one page per block, three blocks on two threads
     path = write(tmp_path / "x.beton", [record(i, n) for i, n in enumerate(sizes)])
-    monkeypatch.setattr(beton, "VERIFY_BLOCK_BYTES", 1)
-    assert beton.verify_records(BetonContents(path), threads=2).mismatched.tolist() == []
+    monkeypatch.setattr(verify, "VERIFY_BLOCK_BYTES", 1)
+    assert verify_records(BetonContents(path), threads=2).mismatched.tolist() == []
     contents = BetonContents(path)
     damaged = bytearray(path.read_bytes())
     damaged[int(contents.image_meta["data_ptr"][4]) + 1000] ^= 0x01  # record 4's image, on the second page
     damaged[int(contents.caption_ptrs[6]) + 5] ^= 0x80  # record 6's caption rows, on the third
     path.write_bytes(bytes(damaged))
-    verification = beton.verify_records(BetonContents(path), threads=2)
+    verification = verify_records(BetonContents(path), threads=2)
     assert verification.mismatched.tolist() == [4, 6]
     assert verification.records == 7 and verification.nbytes == sum(sizes) + 7 * 2 * 6 * 4
 

@@ -1,4 +1,4 @@
-"""`capfast bench verify`: the rate of `capfast inspect --verify` (store.beton.verify_records) against one plain
+"""`capfast bench verify`: the rate of `capfast inspect --verify` (store.verify.verify_records) against one plain
 sequential read of the same file, in the same run.
 
 The baseline reads the whole file once, in 16 MiB blocks on one thread, and does nothing with the bytes: what the
@@ -74,7 +74,8 @@ def record_values(contents, i: int) -> tuple:
 
 
 def timed_verify(path: Path, threads: int | None):
-    from capfast.store.beton import BetonContents, verify_records
+    from capfast.store.beton import BetonContents
+    from capfast.store.verify import verify_records
 
     verification = verify_records(BetonContents(path), threads)
     if len(verification.mismatched):

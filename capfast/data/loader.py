@@ -252,7 +252,7 @@ class CaptionLoader:
 
     def _verify(self, out: dict, epoch: int, b: int) -> None:
         """data.verify: a one-line error naming the first record of the batch that does not match its checksum."""
-        from capfast.store.beton import mismatch_error, record_mismatches
+        from capfast.store.verify import mismatch_error, record_mismatches
 
         info = out[IMAGE_INFO].numpy()
         ends = np.cumsum(info[:, 2])
